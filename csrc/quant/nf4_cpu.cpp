@@ -1,0 +1,354 @@
+// CPU kernels of the quant family: NF4 quantize / dequantize (with double
+// quant) and 8-bit blockwise quantize. Threads: at::parallel_for over blocks
+// (a block is never split, so threads never share an output byte). SIMD: an
+// AVX2 path chosen at run time, and a portable scalar path that computes the
+// same float32 operations in the same order (results are bit-identical).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMKIT_X86 1
+#endif
+
+#include "common/dispatch.h"
+#include "quant/nf4.h"
+
+namespace llmkit::quant {
+namespace {
+
+constexpr int64_t kMaxBlock = 4096;
+// Elements a thread takes at once: enough to amortise scheduling.
+constexpr int64_t kGrainElements = 1 << 15;
+
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
+
+// ------------------------------------------------------------- scalar path --
+
+inline uint8_t pack_pair(uint8_t first, uint8_t second) { return static_cast<uint8_t>((first << 4) | second); }
+
+// Codes of x[from .. len) (from even), scaled as the format says (see nf4.h).
+void quantize_pairs_scalar(const float* x, int64_t from, int64_t len, float clamped, bool full_block, uint8_t* out) {
+  const float inv = 1.0f / clamped;
+  auto code = [&](float v) { return nf4_code_of_scaled(clamp_unit(full_block ? v * inv : v / clamped)); };
+  int64_t i = from;
+  for (; i + 1 < len; i += 2) out[i / 2] = pack_pair(code(x[i]), code(x[i + 1]));
+  if (i < len) out[i / 2] = pack_pair(code(x[i]), kNF4PadCode);
+}
+
+// Quantize `len` floats of one block (already converted to float32) into
+// out[0 .. ceil(len/2)); returns the absmax to store.
+float quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float clamped = std::max(amax, kMinAbsmax);
+  quantize_pairs_scalar(x, 0, len, clamped, full_block, out);
+  return full_block ? amax : clamped;
+}
+
+template <typename T>
+void dequantize_bytes_scalar(const uint8_t* in, int64_t len, float scale, T* out) {
+  int64_t i = 0;
+  for (; i + 1 < len; i += 2) {
+    const uint8_t byte = in[i / 2];
+    out[i] = static_cast<T>(kNF4Codes[byte >> 4] * scale);
+    out[i + 1] = static_cast<T>(kNF4Codes[byte & 15] * scale);
+  }
+  if (i < len) out[i] = static_cast<T>(kNF4Codes[in[i / 2] >> 4] * scale);
+}
+
+// --------------------------------------------------------------- AVX2 path --
+#ifdef LLMKIT_X86
+#define LLMKIT_AVX2 __attribute__((target("avx2,f16c")))
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+LLMKIT_AVX2 inline __m256i nf4_codes_avx2(__m256 scaled) {
+  scaled = _mm256_min_ps(_mm256_max_ps(scaled, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
+  __m256i code = _mm256_setzero_si256();
+  for (int k = 0; k < 15; ++k) {  // count midpoints below: a true compare is -1
+    const __m256 gt = _mm256_cmp_ps(scaled, _mm256_set1_ps(nf4_midpoint(k)), _CMP_GT_OQ);
+    code = _mm256_sub_epi32(code, _mm256_castps_si256(gt));
+  }
+  return code;
+}
+
+// 16 codes (two vectors of 8 int32) -> 8 bytes, first of each pair high.
+LLMKIT_AVX2 inline void store_packed16_avx2(__m256i a, __m256i b, uint8_t* out) {
+  // In each 64-bit lane (first, second): (first << 4) | second lands in the low 32 bits.
+  const __m256i pa = _mm256_or_si256(_mm256_slli_epi64(a, 4), _mm256_srli_epi64(a, 32));
+  const __m256i pb = _mm256_or_si256(_mm256_slli_epi64(b, 4), _mm256_srli_epi64(b, 32));
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m128i la = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(pa, even));
+  const __m128i lb = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(pb, even));
+  const __m128i mask = _mm_set1_epi32(0xFF);
+  const __m128i w16 = _mm_packus_epi32(_mm_and_si128(la, mask), _mm_and_si128(lb, mask));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w16, w16));
+}
+
+LLMKIT_AVX2 float quantize_block_avx2(const float* x, int64_t len, bool full_block, uint8_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float amax = 0.0f;
+  for (float v : lanes) amax = std::max(amax, v);
+  for (; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+
+  const float clamped = std::max(amax, kMinAbsmax);
+  const __m256 vinv = _mm256_set1_ps(1.0f / clamped);
+  const __m256 vdiv = _mm256_set1_ps(clamped);
+  i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    const __m256 s0 = full_block ? _mm256_mul_ps(x0, vinv) : _mm256_div_ps(x0, vdiv);
+    const __m256 s1 = full_block ? _mm256_mul_ps(x1, vinv) : _mm256_div_ps(x1, vdiv);
+    store_packed16_avx2(nf4_codes_avx2(s0), nf4_codes_avx2(s1), out + i / 2);
+  }
+  quantize_pairs_scalar(x, i, len, clamped, full_block, out);
+  return full_block ? amax : clamped;
+}
+
+// 16-entry table lookup: permutevar uses the low 3 bits, a blend picks the half by bit 3.
+LLMKIT_AVX2 inline __m256 nf4_lookup_avx2(__m256 lut_lo, __m256 lut_hi, __m256i idx) {
+  const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // bit 3 -> sign bit
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx), upper);
+}
+
+// 8 packed bytes -> 16 scaled floats in element order.
+LLMKIT_AVX2 inline void dequant8_avx2(const uint8_t* in, __m256 scale, __m256& out0, __m256& out1) {
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Codes);
+  const __m256 lut_hi = _mm256_loadu_ps(kNF4Codes + 8);
+  const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
+  const __m256i hi = _mm256_srli_epi32(bytes, 4);
+  const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi32(15));
+  const __m256 vh = _mm256_mul_ps(nf4_lookup_avx2(lut_lo, lut_hi, hi), scale);
+  const __m256 vl = _mm256_mul_ps(nf4_lookup_avx2(lut_lo, lut_hi, lo), scale);
+  const __m256 a = _mm256_unpacklo_ps(vh, vl);  // h0 l0 h1 l1 | h4 l4 h5 l5
+  const __m256 b = _mm256_unpackhi_ps(vh, vl);  // h2 l2 h3 l3 | h6 l6 h7 l7
+  out0 = _mm256_permute2f128_ps(a, b, 0x20);
+  out1 = _mm256_permute2f128_ps(a, b, 0x31);
+}
+
+LLMKIT_AVX2 inline __m128i to_bf16_avx2(__m256 v) {  // round to nearest even (finite values)
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per-lane: 0..3 4..7 twice
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+template <typename T>
+LLMKIT_AVX2 void dequantize_bytes_avx2(const uint8_t* in, int64_t len, float scale, T* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    __m256 o0, o1;
+    dequant8_avx2(in + i / 2, vscale, o0, o1);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_storeu_ps(out + i, o0);
+      _mm256_storeu_ps(out + i + 8, o1);
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(o0, _MM_FROUND_TO_NEAREST_INT));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8), _mm256_cvtps_ph(o1, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_bf16_avx2(o0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8), to_bf16_avx2(o1));
+    }
+  }
+  if (i < len) dequantize_bytes_scalar(in + i / 2, len - i, scale, out + i);
+}
+
+// fp16 / bf16 -> float32, 8 at a time.
+LLMKIT_AVX2 void to_float_avx2(const at::Half* in, int64_t len, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < len; ++i) out[i] = static_cast<float>(in[i]);
+}
+LLMKIT_AVX2 void to_float_avx2(const at::BFloat16* in, int64_t len, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < len; ++i) out[i] = static_cast<float>(in[i]);
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif  // LLMKIT_X86
+
+template <typename T>
+void to_float(const T* in, int64_t len, float* out, bool simd) {
+#ifdef LLMKIT_X86
+  if (simd) return to_float_avx2(in, len, out);
+#endif
+  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// A block as float32: fp32 is read in place, fp16/bf16 are widened into `buffer`.
+const float* block_as_float(const float* x, int64_t, float*, bool) { return x; }
+template <typename T>
+const float* block_as_float(const T* x, int64_t len, float* buffer, bool simd) {
+  to_float(x, len, buffer, simd);
+  return buffer;
+}
+
+float quantize_block(const float* x, int64_t len, bool full_block, uint8_t* out, bool simd) {
+#ifdef LLMKIT_X86
+  if (simd) return quantize_block_avx2(x, len, full_block, out);
+#endif
+  return quantize_block_scalar(x, len, full_block, out);
+}
+
+template <typename T>
+void dequantize_bytes(const uint8_t* in, int64_t len, float scale, T* out, bool simd) {
+#ifdef LLMKIT_X86
+  if (simd) return dequantize_bytes_avx2(in, len, scale, out);
+#endif
+  dequantize_bytes_scalar(in, len, scale, out);
+}
+
+// Whether to take the SIMD path; LLMKIT_FORCE_SCALAR=1 makes tests cover the scalar one.
+bool use_simd() {
+  static const bool scalar = [] {
+    const char* env = std::getenv("LLMKIT_FORCE_SCALAR");
+    return env != nullptr && env[0] == '1';
+  }();
+  return !scalar && cpu_has_avx2();
+}
+
+// ------------------------------------------------------------------- ops --
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& input_, int64_t blocksize) {
+  check_quantize_nf4_args(input_, blocksize);
+  const at::Tensor input = input_.contiguous();
+  const int64_t n = input.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  float* amax = absmax.data_ptr<float>();
+  const bool simd = use_simd();
+
+  LLMKIT_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_nf4_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+      alignas(64) float buffer[kMaxBlock];  // fp16/bf16 blocks are widened here first
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t len = std::min(blocksize, n - start);
+        const float* xs = block_as_float(x + start, len, buffer, simd);
+        amax[b] = quantize_block(xs, len, len == blocksize, out + start / 2, simd);
+      }
+    });
+  });
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
+                              c10::SymIntArrayRef shape_, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                              int64_t nested_blocksize) {
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, "dequantize_nf4: negative dimension in shape ", shape);
+    n *= d;
+  }
+  check_dequantize_nf4_args(packed_, absmax_, blocksize, n, dtype, nested_absmax, nested_code, offset,
+                            nested_blocksize);
+  const at::Tensor packed = packed_.contiguous();
+  const at::Tensor absmax = absmax_.contiguous();
+  const int64_t blocks = absmax.numel();
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const uint8_t* in = packed.const_data_ptr<uint8_t>();
+  const bool simd = use_simd();
+
+  // Per-block scale. Double quant: code2[q] * absmax2 + offset as two float32
+  // roundings, the order bitsandbytes' dequantize_blockwise then `+= offset` use.
+  at::Tensor absmax2, code2;
+  const float* am_f32 = nullptr;
+  const uint8_t* am_q = nullptr;
+  const float *am2 = nullptr, *c2 = nullptr;
+  float off = 0.0f;
+  if (nested_absmax.has_value()) {
+    absmax2 = nested_absmax->contiguous();
+    code2 = nested_code->contiguous();
+    am_q = absmax.const_data_ptr<uint8_t>();
+    am2 = absmax2.const_data_ptr<float>();
+    c2 = code2.const_data_ptr<float>();
+    off = offset->item<float>();
+  } else {
+    am_f32 = absmax.const_data_ptr<float>();
+  }
+  auto block_scale = [&](int64_t b) -> float {
+    if (am_f32 != nullptr) return am_f32[b];
+    const float dq = c2[am_q[b]] * am2[b / nested_blocksize];
+    return dq + off;
+  };
+
+  LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "dequantize_nf4_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize;
+        dequantize_bytes(in + start / 2, std::min(blocksize, n - start), block_scale(b), o + start, simd);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& input_, const at::Tensor& code_,
+                                                               int64_t blocksize) {
+  check_quantize_8bit_args(input_, code_, blocksize);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor code = code_.contiguous();
+  const int64_t n = input.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options());
+  const float* x = input.const_data_ptr<float>();
+  uint8_t* out = q.data_ptr<uint8_t>();
+  float* amax = absmax.data_ptr<float>();
+  uint8_t lut[kCodeLutSize];
+  build_code_lut(code.const_data_ptr<float>(), lut);
+  at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
+      float m = 0.0f;
+      for (int64_t i = start; i < end; ++i) m = std::max(m, std::fabs(x[i]));
+      amax[b] = m;
+      if (m == 0.0f) {  // bitsandbytes writes code 0 for an all-zero block
+        std::memset(out + start, 0, end - start);
+        continue;
+      }
+      const float inv = 1.0f / m;
+      for (int64_t i = start; i < end; ++i) out[i] = lut[code_lut_index(x[i] * inv)];
+    }
+  });
+  return {q, absmax};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmkit, CPU, m) {
+  m.impl("quantize_nf4", &quantize_nf4_cpu);
+  m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+  m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
+}
+
+}  // namespace llmkit::quant

@@ -1,0 +1,20 @@
+"""llmkit ops: Python entry points of ``torch.ops.llmkit.*``.
+
+Each op has a C++ (CPU) and a CUDA kernel registered in csrc/, a fake kernel
+for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
+"""
+
+from . import reference
+from .quant import dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
+from .quant_state import NestedState, NF4State, dynamic_map, nf4_code
+
+__all__ = [
+    "quantize_nf4",
+    "dequantize_nf4",
+    "quantize_blockwise_8bit",
+    "NF4State",
+    "NestedState",
+    "dynamic_map",
+    "nf4_code",
+    "reference",
+]

@@ -1,0 +1,133 @@
+"""NF4 4-bit quantization ops (QLoRA), byte-compatible with bitsandbytes.
+
+Thin wrappers of ``torch.ops.llmkit.quantize_nf4`` / ``dequantize_nf4`` /
+``quantize_blockwise_8bit`` (C++ and CUDA kernels in csrc/quant/), plus their
+fake kernels so they trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .quant_state import NestedState, NF4State, cached_dynamic_map
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256  # bitsandbytes' double-quant block
+
+
+def _check_tensor(name: str, t, device_of: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "cuda" and not _C.built_with_cuda():
+        raise RuntimeError(
+            f"{name} is a CUDA tensor but this llmkit build has no CUDA kernels "
+            "(llmkit.build_info()['cuda'] is False); rebuild with nvcc on PATH or CUDA_HOME set, "
+            "or move the tensor to the CPU"
+        )
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} is on {t.device}; llmkit's quant ops run on cpu and cuda")
+    if device_of is not None and t.device != device_of.device:
+        raise ValueError(f"{name} is on {t.device} but the packed tensor is on {device_of.device}")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
+    """Quantize `w` to NF4 in blocks of `blocksize` elements (QLoRA).
+
+    Args:
+        w: float32, float16 or bfloat16 tensor of any shape (flattened in
+            row-major order; a last partial block is allowed).
+        blocksize: power of two in [32, 4096]; 64 is QLoRA's.
+        double_quant: also quantize the per-block absmax to 8 bits (blocks of
+            256, offset = mean), bitsandbytes' ``compress_statistics=True``:
+            0.127 instead of 0.5 bits of state per parameter.
+
+    Returns:
+        ``(packed, state)``: packed is uint8 of shape ``((n+1)//2, 1)``, two
+        codes a byte, the first element in the high nibble; state an
+        :class:`NF4State`. Equal, byte for byte, to
+        ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
+        compress_statistics=double_quant)``.
+    """
+    _check_tensor("w", w)
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    packed, absmax = torch.ops.llmkit.quantize_nf4(w, blocksize)
+    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        code = cached_dynamic_map(w.device)
+        qabsmax, absmax2 = torch.ops.llmkit.quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
+        state.absmax = qabsmax
+        state.offset = offset
+        state.state2 = NestedState(absmax=absmax2, code=code, blocksize=NESTED_BLOCKSIZE)
+    return packed, state
+
+
+def dequantize_nf4(packed: torch.Tensor, state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize NF4 `packed` with its `state` back to a tensor of ``state.shape``.
+
+    `state` is an :class:`NF4State` or a bitsandbytes ``QuantState`` (NF4).
+    `out_dtype` defaults to the dtype that was quantized. Equal to
+    ``bitsandbytes.functional.dequantize_4bit(packed, state)``; double-quantized
+    absmax is decoded inside the kernel, never materialised.
+    """
+    if not isinstance(state, NF4State):
+        if hasattr(state, "quant_type") and hasattr(state, "absmax"):
+            state = NF4State.from_bnb(state)
+        else:
+            raise TypeError(f"state must be an NF4State or a bitsandbytes QuantState, got {type(state).__name__}")
+    _check_tensor("packed", packed)
+    _check_tensor("state.absmax", state.absmax, packed)
+    dtype = state.dtype if out_dtype is None else out_dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype}")
+    if state.state2 is None:
+        return torch.ops.llmkit.dequantize_nf4(packed, state.absmax, state.blocksize, list(state.shape), dtype)
+    return torch.ops.llmkit.dequantize_nf4(
+        packed,
+        state.absmax,
+        state.blocksize,
+        list(state.shape),
+        dtype,
+        state.state2.absmax,
+        state.state2.code,
+        state.offset,
+        state.state2.blocksize,
+    )
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
+    """bitsandbytes' 8-bit blockwise quantization (``quantize_blockwise``):
+    nearest of 256 sorted `code` values (the dynamic map by default) of
+    x / absmax(block), ties to the lower code. Returns ``(q, absmax)``."""
+    _check_tensor("x", x)
+    code = cached_dynamic_map(x.device) if code is None else code
+    _check_tensor("code", code, x)
+    return torch.ops.llmkit.quantize_blockwise_8bit(x, code, blocksize)
+
+
+# ------------------------------------------------------------ fake kernels --
+# Shapes only, for torch.compile / meta tensors; the checks stay in C++.
+
+
+@torch.library.register_fake("llmkit::quantize_nf4")
+def _quantize_nf4_fake(input, blocksize):
+    n = input.numel()
+    packed = input.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = input.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("llmkit::dequantize_nf4")
+def _dequantize_nf4_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
+                         offset=None, nested_blocksize=256):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("llmkit::quantize_blockwise_8bit")
+def _quantize_blockwise_8bit_fake(input, code, blocksize):
+    n = input.numel()
+    return input.new_empty(input.shape, dtype=torch.uint8), input.new_empty(
+        ((n + blocksize - 1) // blocksize,), dtype=torch.float32
+    )

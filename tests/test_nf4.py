@@ -1,0 +1,355 @@
+"""NF4 quantize / dequantize: kernels vs the reference, vs bitsandbytes, vs
+committed golden vectors, float64 error bounds, state interop, op pattern
+(opcheck, torch.compile) and bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmkit
+from llmkit.ops import NF4State, dequantize_nf4, dynamic_map, quantize_nf4
+from llmkit.ops import reference as ref
+from llmkit.ops.quant_state import NF4_CODES
+
+from conftest import DEVICES
+
+try:
+    import bitsandbytes.functional as bnbF
+except Exception:  # bitsandbytes is a test reference, optional here
+    bnbF = None
+
+needs_bnb = pytest.mark.skipif(bnbF is None, reason="bitsandbytes not installed")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Odd sizes: partial last blocks, odd element counts, fewer elements than one block.
+SHAPES = [(1,), (7, 5, 3), (333, 17), (1000, 1001), (64,), (3, 4096)]
+GOLDEN = Path(__file__).parent / "data" / "nf4_golden.safetensors"
+
+
+def random_weights(shape, dtype, device, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def assert_same_state(a: NF4State, b: NF4State):
+    assert torch.equal(a.absmax, b.absmax)
+    assert a.shape == b.shape and a.dtype == b.dtype and a.blocksize == b.blocksize
+    assert (a.state2 is None) == (b.state2 is None)
+    if a.state2 is not None:
+        assert torch.equal(a.offset, b.offset)
+        assert torch.equal(a.state2.absmax, b.state2.absmax)
+        assert torch.equal(a.state2.code, b.state2.code)
+
+
+# ----------------------------------------------------------- correctness --
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_kernel_matches_reference(device, dtype, shape, blocksize, double_quant):
+    w = random_weights(shape, dtype, device, seed=hash((shape, blocksize)) % 1000)
+    packed, state = quantize_nf4(w, blocksize, double_quant)
+    packed_ref, state_ref = ref.quantize_nf4(w, blocksize, double_quant)
+    n = w.numel()
+    assert packed.shape == ((n + 1) // 2, 1) and packed.dtype == torch.uint8
+    assert torch.equal(packed, packed_ref)
+    assert_same_state(state, state_ref)
+    for out_dtype in [None, *DTYPES]:
+        out = dequantize_nf4(packed, state, out_dtype)
+        assert out.shape == w.shape and out.dtype == (out_dtype or dtype)
+        assert torch.equal(out, ref.dequantize_nf4(packed, state, out_dtype))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_codes_are_nearest_in_float64(device, double_quant):
+    """Every element holds the NF4 code nearest to x / absmax (float64), up to
+    float32 rounding at the midpoints; the error is at most half a code gap."""
+    w = random_weights((517, 33), torch.float32, device, seed=3)
+    packed, state = quantize_nf4(w, 64, double_quant)
+    n = w.numel()
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], 1).reshape(-1)[:n].long().cpu()
+    absmax_exact = ref.quantize_nf4(w, 64)[1].absmax.double().cpu()  # before double quant
+    scale = absmax_exact.repeat_interleave(64)[:n]
+    x = w.reshape(-1).double().cpu() / scale
+    table = torch.tensor(NF4_CODES, dtype=torch.float64)
+    dist = (x[:, None] - table[None, :]).abs()
+    chosen = dist.gather(1, codes[:, None]).squeeze(1)
+    assert (chosen - dist.min(1).values).max().item() < 1e-6
+    # Reconstruction error bound in float64, with the (double-quantized) absmax the state holds.
+    out = dequantize_nf4(packed, state, torch.float32).double().cpu().reshape(-1)
+    max_half_gap = (table[1:] - table[:-1]).max().item() / 2
+    used_scale = ref.block_absmax(state).double().cpu().repeat_interleave(64)[:n]
+    bound = used_scale * max_half_gap + (used_scale - scale).abs() + 1e-6
+    assert torch.all((out - w.reshape(-1).double().cpu()).abs() <= bound)
+
+
+def test_zero_and_constant_blocks(device):
+    w = torch.zeros(3, 64, device=device)
+    w[1] = 2.5
+    w[2, :10] = -1.0
+    for dq in (False, True):
+        packed, state = quantize_nf4(w, 64, dq)
+        assert torch.equal(packed, ref.quantize_nf4(w, 64, dq)[0])
+        assert torch.equal(dequantize_nf4(packed, state), ref.dequantize_nf4(packed, state))
+    packed, state = quantize_nf4(w, 64)
+    assert torch.equal(dequantize_nf4(packed, state), w)  # 0, +-1 * absmax are exact codes
+
+
+def test_noncontiguous_input(device):
+    w = random_weights((96, 130), torch.float32, device).t()
+    assert not w.is_contiguous()
+    packed, state = quantize_nf4(w, 64)
+    assert torch.equal(packed, quantize_nf4(w.contiguous(), 64)[0])
+    assert torch.equal(dequantize_nf4(packed, state), ref.dequantize_nf4(packed, state))
+
+
+def test_dynamic_map_is_sorted_256():
+    m = dynamic_map()
+    assert m.shape == (256,) and m.dtype == torch.float32
+    assert torch.all(m[1:] > m[:-1]) and m[-1] == 1.0 and (m == 0).sum() == 1
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_blockwise_8bit_matches_reference(device, blocksize):
+    x = random_weights((10_000 + 7,), torch.float32, device, seed=5)
+    x[:blocksize] = 0  # an all-zero block
+    code = dynamic_map().to(device)
+    q, absmax = torch.ops.llmkit.quantize_blockwise_8bit(x, code, blocksize)
+    q_ref, absmax_ref = ref.quantize_blockwise_8bit(x, code, blocksize)
+    assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)
+
+
+def test_scalar_path_matches(tmp_path):
+    """LLMKIT_FORCE_SCALAR=1 runs the portable (non-AVX2) CPU path: same bytes."""
+    script = (
+        "import torch, llmkit\n"
+        "from llmkit.ops import quantize_nf4, dequantize_nf4, reference as ref\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    for shape in [(333, 17), (4097,)]:\n"
+        "        w = (torch.randn(shape, generator=g) * 2).to(dt)\n"
+        "        p, s = quantize_nf4(w, 64, True)\n"
+        "        pr, sr = ref.quantize_nf4(w, 64, True)\n"
+        "        assert torch.equal(p, pr) and torch.equal(s.absmax, sr.absmax)\n"
+        "        for od in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "            assert torch.equal(dequantize_nf4(p, s, od), ref.dequantize_nf4(p, s, od))\n"
+        "print('scalar ok')\n"
+    )
+    env = dict(os.environ, LLMKIT_FORCE_SCALAR="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "scalar ok" in result.stdout
+
+
+# ------------------------------------------------------------ bitsandbytes --
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 5, 3), (333, 17), (1000, 1001), (4096, 512)])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bytes_equal_bitsandbytes(dtype, shape, blocksize, double_quant):
+    w = random_weights(shape, dtype, "cpu", seed=blocksize)
+    packed, state = quantize_nf4(w, blocksize, double_quant)
+    packed_b, state_b = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    assert torch.equal(packed, packed_b)
+    assert_same_state(state, NF4State.from_bnb(state_b))
+    assert torch.equal(state.code, state_b.code)
+    assert torch.equal(dequantize_nf4(packed, state), bnbF.dequantize_4bit(packed_b, state_b))
+    # their state through our kernel, ours through theirs
+    assert torch.equal(dequantize_nf4(packed_b, state_b), bnbF.dequantize_4bit(packed, state.to_bnb()))
+
+
+@needs_bnb
+def test_blockwise_8bit_equals_bitsandbytes():
+    x = random_weights((100_003,), torch.float32, "cpu", seed=9)
+    q, absmax = torch.ops.llmkit.quantize_blockwise_8bit(x, dynamic_map(), 256)
+    q_b, state_b = bnbF.quantize_blockwise(x, blocksize=256)
+    assert torch.equal(q, q_b) and torch.equal(absmax, state_b.absmax)
+    assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
+
+
+@needs_bnb
+def test_state_dict_interop_with_bitsandbytes(tmp_path):
+    """A Linear4bit-style state_dict (packed quant_state, safetensors) written by
+    bitsandbytes loads here, and ours loads in bitsandbytes."""
+    from safetensors.torch import load_file, save_file
+
+    w = random_weights((300, 70), torch.bfloat16, "cpu", seed=11)
+    packed_b, state_b = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = {"weight": packed_b, **{f"weight.{k}": v for k, v in state_b.as_dict(packed=True).items()}}
+    save_file(theirs, tmp_path / "theirs.safetensors")
+    loaded = load_file(tmp_path / "theirs.safetensors")
+    state = NF4State.from_dict({k: v for k, v in loaded.items() if k != "weight"})
+    assert torch.equal(dequantize_nf4(loaded["weight"], state), bnbF.dequantize_4bit(packed_b, state_b))
+
+    packed, ours_state = quantize_nf4(w, 64, double_quant=True)
+    ours = {"weight": packed, **{f"weight.{k}": v for k, v in ours_state.as_dict(packed=True).items()}}
+    assert set(ours) == set(theirs)
+    save_file(ours, tmp_path / "ours.safetensors")
+    loaded = load_file(tmp_path / "ours.safetensors")
+    qs = bnbF.QuantState.from_dict({k[len("weight."):]: v for k, v in loaded.items() if k != "weight"}, device="cpu")
+    assert torch.equal(bnbF.dequantize_4bit(loaded["weight"], qs), dequantize_nf4(packed, ours_state))
+
+
+# --------------------------------------------------------------- golden --
+
+
+def test_golden_vectors():
+    """bitsandbytes 0.50.2 outputs, committed (tests/data/make_golden.py), so the
+    byte-compatibility check holds without bitsandbytes installed."""
+    from safetensors.torch import load_file
+
+    golden = load_file(GOLDEN)
+    cases = sorted({k.split("/")[0] for k in golden if k.split("/")[1] == "packed"})
+    assert len(cases) >= 12
+    for case in cases:
+        w = golden[f"{case}/input"]
+        blocksize = int(golden[f"{case}/blocksize"].item())
+        double_quant = f"{case}/offset" in golden
+        packed, state = quantize_nf4(w, blocksize, double_quant)
+        assert torch.equal(packed, golden[f"{case}/packed"]), case
+        assert torch.equal(state.absmax, golden[f"{case}/absmax"]), case
+        if double_quant:
+            assert torch.equal(state.offset, golden[f"{case}/offset"]), case
+            assert torch.equal(state.state2.absmax, golden[f"{case}/nested_absmax"]), case
+        assert torch.equal(dequantize_nf4(packed, state), golden[f"{case}/dequantized"]), case
+
+
+# ------------------------------------------------------------ op pattern --
+
+
+def test_opcheck(device):
+    w = random_weights((37, 29), torch.float32, device)
+    code = dynamic_map().to(device)
+    torch.library.opcheck(torch.ops.llmkit.quantize_nf4.default, (w, 64))
+    torch.library.opcheck(torch.ops.llmkit.quantize_nf4.default, (w.to(torch.bfloat16), 32))
+    packed, absmax = torch.ops.llmkit.quantize_nf4(w, 64)
+    torch.library.opcheck(torch.ops.llmkit.dequantize_nf4.default, (packed, absmax, 64, [37, 29], torch.float16))
+    offset = absmax.mean()
+    q, absmax2 = torch.ops.llmkit.quantize_blockwise_8bit(absmax - offset, code, 256)
+    torch.library.opcheck(torch.ops.llmkit.quantize_blockwise_8bit.default, (absmax - offset, code, 256))
+    torch.library.opcheck(
+        torch.ops.llmkit.dequantize_nf4.default,
+        (packed, q, 64, [37, 29], torch.float32, absmax2, code, offset, 256),
+    )
+
+
+def test_torch_compile_fullgraph(device):
+    def roundtrip(w):
+        packed, state = quantize_nf4(w, 64, double_quant=True)
+        return dequantize_nf4(packed, state, torch.float32) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
+    w = random_weights((123, 45), torch.bfloat16, device)
+    assert torch.equal(compiled(w), roundtrip(w))
+
+
+# ------------------------------------------------------------- bad input --
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8, torch.bool])
+def test_rejects_unsupported_dtypes(dtype):
+    w = torch.ones(64, dtype=dtype)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        quantize_nf4(w)
+
+
+@pytest.mark.parametrize("blocksize", [0, 16, 48, 100, 8192, -64])
+def test_rejects_bad_blocksize(blocksize):
+    with pytest.raises(ValueError, match="power of two in \\[32, 4096\\]"):
+        quantize_nf4(torch.randn(256), blocksize)
+
+
+def test_rejects_non_tensor_and_empty():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_nf4([1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.empty(0, 5))
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        quantize_nf4(torch.randn(64), 64.0)
+
+
+def test_rejects_mismatched_packed_and_state():
+    packed, state = quantize_nf4(torch.randn(100, 64), 64)
+    with pytest.raises(ValueError, match="packed holds"):
+        dequantize_nf4(packed[:-1], state)
+    _, other = quantize_nf4(torch.randn(10, 64), 64)
+    with pytest.raises(ValueError, match="another tensor"):
+        dequantize_nf4(packed, other)
+    with pytest.raises(TypeError, match="out_dtype"):
+        dequantize_nf4(packed, state, torch.float64)
+    with pytest.raises(TypeError, match="NF4State"):
+        dequantize_nf4(packed, {"absmax": state.absmax})
+    with pytest.raises(TypeError, match="packed must be uint8"):
+        torch.ops.llmkit.dequantize_nf4(packed.float(), state.absmax, 64, [100, 64], torch.float32)
+    with pytest.raises(ValueError, match="absmax has"):
+        torch.ops.llmkit.dequantize_nf4(packed, state.absmax[:-1], 64, [100, 64], torch.float32)
+
+
+def test_rejects_broken_nested_state():
+    packed, state = quantize_nf4(torch.randn(1000, 64), 64, double_quant=True)
+    args = (packed, state.absmax, 64, [1000, 64], torch.float32)
+    with pytest.raises(ValueError, match="go together"):
+        torch.ops.llmkit.dequantize_nf4(*args, state.state2.absmax, None, state.offset)
+    with pytest.raises(ValueError, match="nested_absmax has"):
+        torch.ops.llmkit.dequantize_nf4(*args, state.state2.absmax[:1], state.state2.code, state.offset)
+    with pytest.raises(ValueError, match="256 entries"):
+        torch.ops.llmkit.dequantize_nf4(*args, state.state2.absmax, state.state2.code[:16], state.offset)
+    with pytest.raises(TypeError, match="uint8 codes"):
+        torch.ops.llmkit.dequantize_nf4(
+            packed, state.absmax.float(), 64, [1000, 64], torch.float32, state.state2.absmax, state.state2.code,
+            state.offset,
+        )
+
+
+def test_rejects_fp4_and_foreign_states():
+    packed, state = quantize_nf4(torch.randn(64), 64)
+    d = state.as_dict()
+    d["quant_type"] = "fp4"
+    with pytest.raises(ValueError, match="NF4"):
+        NF4State.from_dict(d)
+    with pytest.raises(ValueError, match="lacks"):
+        NF4State.from_dict({"absmax": state.absmax})
+
+
+def test_cuda_tensor_on_cpu_only_build(monkeypatch):
+    """A CUDA tensor given to a build without CUDA kernels gets a clear error
+    (fake CUDA tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(llmkit._C, "built_with_cuda", lambda: False)
+    with FakeTensorMode():
+        w = torch.empty(128, device="cuda")
+        with pytest.raises(RuntimeError, match="no CUDA kernels"):
+            quantize_nf4(w)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU")
+def test_cpu_and_cuda_agree():
+    w = random_weights((1000, 1001), torch.bfloat16, "cpu", seed=4)
+    p_cpu, s_cpu = quantize_nf4(w, 64)
+    p_gpu, s_gpu = quantize_nf4(w.cuda(), 64)
+    assert torch.equal(p_cpu, p_gpu.cpu())
+    assert_same_state(s_cpu, s_gpu.to("cpu"))
+    assert torch.equal(dequantize_nf4(p_gpu, s_gpu).cpu(), dequantize_nf4(p_cpu, s_cpu))
+    # Double quant: offset = mean(absmax) is a torch reduction whose rounding may
+    # differ between devices; the 8-bit codes of the same input may not.
+    x = s_cpu.absmax - s_cpu.absmax.mean()
+    code = dynamic_map()
+    q_cpu, a_cpu = torch.ops.llmkit.quantize_blockwise_8bit(x, code, 256)
+    q_gpu, a_gpu = torch.ops.llmkit.quantize_blockwise_8bit(x.cuda(), code.cuda(), 256)
+    assert torch.equal(q_cpu, q_gpu.cpu()) and torch.equal(a_cpu, a_gpu.cpu())
+    p_cpu, s_cpu = quantize_nf4(w, 64, True)
+    p_gpu, s_gpu = quantize_nf4(w.cuda(), 64, True)
+    s_gpu = s_gpu.to("cpu")
+    s_cpu.offset, s_cpu.absmax, s_cpu.state2.absmax = s_gpu.offset, s_gpu.absmax, s_gpu.state2.absmax
+    assert torch.equal(dequantize_nf4(p_gpu.cpu(), s_gpu), dequantize_nf4(p_cpu, s_cpu))
