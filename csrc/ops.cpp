@@ -15,6 +15,13 @@ TORCH_LIBRARY(llmkit, m) {
       "dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
       "int nested_blocksize=256) -> Tensor");
+  // Same, into a caller's buffer (contiguous, `shape`, `dtype`): reusing a
+  // buffer skips the page faults of a fresh allocation, which cost more than
+  // the kernel on large outputs.
+  m.def(
+      "dequantize_nf4_into(Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, ScalarType dtype, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256, *, Tensor(a!) out) -> ()");
   // bitsandbytes' quantize_blockwise: nearest of 256 sorted codes of x / absmax(block).
   m.def("quantize_blockwise_8bit(Tensor input, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
 }

@@ -353,3 +353,25 @@ def test_cpu_and_cuda_agree():
     s_gpu = s_gpu.to("cpu")
     s_cpu.offset, s_cpu.absmax, s_cpu.state2.absmax = s_gpu.offset, s_gpu.absmax, s_gpu.state2.absmax
     assert torch.equal(dequantize_nf4(p_gpu.cpu(), s_gpu), dequantize_nf4(p_cpu, s_cpu))
+
+
+def test_dequantize_into_out_buffer(device):
+    w = random_weights((257, 130), torch.float32, device, seed=8)
+    for dq in (False, True):
+        packed, state = quantize_nf4(w, 64, dq)
+        for dtype in DTYPES:
+            buf = torch.full(w.shape, float("nan"), dtype=dtype, device=device)  # poisoned
+            result = dequantize_nf4(packed, state, out=buf)
+            assert result.data_ptr() == buf.data_ptr()
+            assert torch.equal(buf, ref.dequantize_nf4(packed, state, dtype))
+    packed, state = quantize_nf4(w, 64)
+    with pytest.raises(ValueError, match="out has shape"):
+        dequantize_nf4(packed, state, out=torch.empty(257, 129, device=device))
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_nf4(packed, state, out=torch.empty(130, 257, device=device).t())
+    with pytest.raises(TypeError, match="disagrees"):
+        dequantize_nf4(packed, state, torch.float16, out=torch.empty(257, 130, device=device))
+    args = (packed, state.absmax, 64, [257, 130], torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.llmkit.dequantize_nf4_into.default, args, {"out": torch.empty(257, 130, dtype=torch.bfloat16, device=device)}
+    )

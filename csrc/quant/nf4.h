@@ -110,6 +110,8 @@ void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
                                const std::optional<at::Tensor>& offset, int64_t nested_blocksize);
+void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
+                          const at::Tensor& packed);
 void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, int64_t blocksize);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

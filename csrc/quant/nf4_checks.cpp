@@ -67,6 +67,17 @@ void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
   }
 }
 
+void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
+                          const at::Tensor& packed) {
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype, "dequantize_nf4: out has dtype ", out.scalar_type(),
+                   " but the output dtype is ", dtype);
+  TORCH_CHECK_VALUE(out.sizes() == shape, "dequantize_nf4: out has shape ", out.sizes(), " but the state says ",
+                    shape);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "dequantize_nf4: out must be contiguous");
+  TORCH_CHECK_VALUE(out.device() == packed.device(), "dequantize_nf4: out is on ", out.device(),
+                    " but packed is on ", packed.device());
+}
+
 void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, int64_t blocksize) {
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "quantize_blockwise_8bit: input must be float32, got ",
                    input.scalar_type());

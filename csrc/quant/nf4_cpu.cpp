@@ -28,12 +28,16 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
 
+// Helpers are force-inlined into the scalar and the AVX2 loops alike: a call
+// from AVX2 code into baseline-ISA code per block costs more than the block.
+#define LLMKIT_INLINE inline __attribute__((always_inline))
+
 // ------------------------------------------------------------- scalar path --
 
-inline uint8_t pack_pair(uint8_t first, uint8_t second) { return static_cast<uint8_t>((first << 4) | second); }
+LLMKIT_INLINE uint8_t pack_pair(uint8_t first, uint8_t second) { return static_cast<uint8_t>((first << 4) | second); }
 
 // Codes of x[from .. len) (from even), scaled as the format says (see nf4.h).
-void quantize_pairs_scalar(const float* x, int64_t from, int64_t len, float clamped, bool full_block, uint8_t* out) {
+LLMKIT_INLINE void quantize_pairs_scalar(const float* x, int64_t from, int64_t len, float clamped, bool full_block, uint8_t* out) {
   const float inv = 1.0f / clamped;
   auto code = [&](float v) { return nf4_code_of_scaled(clamp_unit(full_block ? v * inv : v / clamped)); };
   int64_t i = from;
@@ -43,7 +47,7 @@ void quantize_pairs_scalar(const float* x, int64_t from, int64_t len, float clam
 
 // Quantize `len` floats of one block (already converted to float32) into
 // out[0 .. ceil(len/2)); returns the absmax to store.
-float quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* out) {
+LLMKIT_INLINE float quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* out) {
   float amax = 0.0f;
   for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float clamped = std::max(amax, kMinAbsmax);
@@ -52,7 +56,7 @@ float quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_
 }
 
 template <typename T>
-void dequantize_bytes_scalar(const uint8_t* in, int64_t len, float scale, T* out) {
+LLMKIT_INLINE void dequantize_bytes_scalar(const uint8_t* in, int64_t len, float scale, T* out) {
   int64_t i = 0;
   for (; i + 1 < len; i += 2) {
     const uint8_t byte = in[i / 2];
@@ -71,7 +75,7 @@ bool cpu_has_avx2() {
   return has;
 }
 
-LLMKIT_AVX2 inline __m256i nf4_codes_avx2(__m256 scaled) {
+LLMKIT_AVX2 LLMKIT_INLINE __m256i nf4_codes_avx2(__m256 scaled) {
   scaled = _mm256_min_ps(_mm256_max_ps(scaled, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
   __m256i code = _mm256_setzero_si256();
   for (int k = 0; k < 15; ++k) {  // count midpoints below: a true compare is -1
@@ -82,7 +86,7 @@ LLMKIT_AVX2 inline __m256i nf4_codes_avx2(__m256 scaled) {
 }
 
 // 16 codes (two vectors of 8 int32) -> 8 bytes, first of each pair high.
-LLMKIT_AVX2 inline void store_packed16_avx2(__m256i a, __m256i b, uint8_t* out) {
+LLMKIT_AVX2 LLMKIT_INLINE void store_packed16_avx2(__m256i a, __m256i b, uint8_t* out) {
   // In each 64-bit lane (first, second): (first << 4) | second lands in the low 32 bits.
   const __m256i pa = _mm256_or_si256(_mm256_slli_epi64(a, 4), _mm256_srli_epi64(a, 32));
   const __m256i pb = _mm256_or_si256(_mm256_slli_epi64(b, 4), _mm256_srli_epi64(b, 32));
@@ -94,7 +98,7 @@ LLMKIT_AVX2 inline void store_packed16_avx2(__m256i a, __m256i b, uint8_t* out) 
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w16, w16));
 }
 
-LLMKIT_AVX2 float quantize_block_avx2(const float* x, int64_t len, bool full_block, uint8_t* out) {
+LLMKIT_AVX2 LLMKIT_INLINE float quantize_block_avx2(const float* x, int64_t len, bool full_block, uint8_t* out) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t i = 0;
@@ -120,13 +124,13 @@ LLMKIT_AVX2 float quantize_block_avx2(const float* x, int64_t len, bool full_blo
 }
 
 // 16-entry table lookup: permutevar uses the low 3 bits, a blend picks the half by bit 3.
-LLMKIT_AVX2 inline __m256 nf4_lookup_avx2(__m256 lut_lo, __m256 lut_hi, __m256i idx) {
+LLMKIT_AVX2 LLMKIT_INLINE __m256 nf4_lookup_avx2(__m256 lut_lo, __m256 lut_hi, __m256i idx) {
   const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // bit 3 -> sign bit
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx), upper);
 }
 
 // 8 packed bytes -> 16 scaled floats in element order.
-LLMKIT_AVX2 inline void dequant8_avx2(const uint8_t* in, __m256 scale, __m256& out0, __m256& out1) {
+LLMKIT_AVX2 LLMKIT_INLINE void dequant8_avx2(const uint8_t* in, __m256 scale, __m256& out0, __m256& out1) {
   const __m256 lut_lo = _mm256_loadu_ps(kNF4Codes);
   const __m256 lut_hi = _mm256_loadu_ps(kNF4Codes + 8);
   const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
@@ -140,7 +144,7 @@ LLMKIT_AVX2 inline void dequant8_avx2(const uint8_t* in, __m256 scale, __m256& o
   out1 = _mm256_permute2f128_ps(a, b, 0x31);
 }
 
-LLMKIT_AVX2 inline __m128i to_bf16_avx2(__m256 v) {  // round to nearest even (finite values)
+LLMKIT_AVX2 LLMKIT_INLINE __m128i to_bf16_avx2(__m256 v) {  // round to nearest even (finite values)
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   const __m256i rounded =
@@ -150,7 +154,7 @@ LLMKIT_AVX2 inline __m128i to_bf16_avx2(__m256 v) {  // round to nearest even (f
 }
 
 template <typename T>
-LLMKIT_AVX2 void dequantize_bytes_avx2(const uint8_t* in, int64_t len, float scale, T* out) {
+LLMKIT_AVX2 LLMKIT_INLINE void dequantize_bytes_avx2(const uint8_t* in, int64_t len, float scale, T* out) {
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
@@ -171,13 +175,13 @@ LLMKIT_AVX2 void dequantize_bytes_avx2(const uint8_t* in, int64_t len, float sca
 }
 
 // fp16 / bf16 -> float32, 8 at a time.
-LLMKIT_AVX2 void to_float_avx2(const at::Half* in, int64_t len, float* out) {
+LLMKIT_AVX2 LLMKIT_INLINE void to_float_avx2(const at::Half* in, int64_t len, float* out) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8)
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
   for (; i < len; ++i) out[i] = static_cast<float>(in[i]);
 }
-LLMKIT_AVX2 void to_float_avx2(const at::BFloat16* in, int64_t len, float* out) {
+LLMKIT_AVX2 LLMKIT_INLINE void to_float_avx2(const at::BFloat16* in, int64_t len, float* out) {
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
@@ -189,36 +193,75 @@ LLMKIT_AVX2 void to_float_avx2(const at::BFloat16* in, int64_t len, float* out) 
 bool cpu_has_avx2() { return false; }
 #endif  // LLMKIT_X86
 
+// Per-block absmax, plain or double-quantized (code2[q] * absmax2 + offset as
+// two float32 roundings, the order of bitsandbytes' dequantize_blockwise then `+= offset`).
+struct BlockScales {
+  const float* absmax = nullptr;  // plain
+  const uint8_t* q = nullptr;     // double quant
+  const float* absmax2 = nullptr;
+  const float* code2 = nullptr;
+  float offset = 0.0f;
+  int64_t nested_blocksize = 256;
+
+  LLMKIT_INLINE float operator()(int64_t b) const {
+    if (absmax != nullptr) return absmax[b];
+    const float decoded = code2[q[b]] * absmax2[b / nested_blocksize];
+    return decoded + offset;
+  }
+};
+
+// Block loops, one per ISA, so the ISA switch happens once per thread chunk.
 template <typename T>
-void to_float(const T* in, int64_t len, float* out, bool simd) {
-#ifdef LLMKIT_X86
-  if (simd) return to_float_avx2(in, len, out);
-#endif
-  for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(in[i]);
+void quantize_range_scalar(const T* x, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* out,
+                           float* amax) {
+  alignas(64) float buffer[kMaxBlock];  // fp16/bf16 blocks are widened here first
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+    const float* xs = buffer;
+    if constexpr (std::is_same_v<T, float>) {
+      xs = x + start;
+    } else {
+      for (int64_t i = 0; i < len; ++i) buffer[i] = static_cast<float>(x[start + i]);
+    }
+    amax[b] = quantize_block_scalar(xs, len, len == blocksize, out + start / 2);
+  }
 }
 
-// A block as float32: fp32 is read in place, fp16/bf16 are widened into `buffer`.
-const float* block_as_float(const float* x, int64_t, float*, bool) { return x; }
 template <typename T>
-const float* block_as_float(const T* x, int64_t len, float* buffer, bool simd) {
-  to_float(x, len, buffer, simd);
-  return buffer;
+void dequantize_range_scalar(const uint8_t* in, int64_t n, int64_t blocksize, int64_t b0, int64_t b1,
+                             const BlockScales& scales, T* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    dequantize_bytes_scalar(in + start / 2, std::min(blocksize, n - start), scales(b), out + start);
+  }
 }
 
-float quantize_block(const float* x, int64_t len, bool full_block, uint8_t* out, bool simd) {
 #ifdef LLMKIT_X86
-  if (simd) return quantize_block_avx2(x, len, full_block, out);
-#endif
-  return quantize_block_scalar(x, len, full_block, out);
+template <typename T>
+LLMKIT_AVX2 void quantize_range_avx2(const T* x, int64_t n, int64_t blocksize, int64_t b0, int64_t b1, uint8_t* out,
+                                     float* amax) {
+  alignas(64) float buffer[kMaxBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+    const float* xs = buffer;
+    if constexpr (std::is_same_v<T, float>) {
+      xs = x + start;
+    } else {
+      to_float_avx2(x + start, len, buffer);
+    }
+    amax[b] = quantize_block_avx2(xs, len, len == blocksize, out + start / 2);
+  }
 }
 
 template <typename T>
-void dequantize_bytes(const uint8_t* in, int64_t len, float scale, T* out, bool simd) {
-#ifdef LLMKIT_X86
-  if (simd) return dequantize_bytes_avx2(in, len, scale, out);
-#endif
-  dequantize_bytes_scalar(in, len, scale, out);
+LLMKIT_AVX2 void dequantize_range_avx2(const uint8_t* in, int64_t n, int64_t blocksize, int64_t b0, int64_t b1,
+                                       const BlockScales& scales, T* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * blocksize;
+    dequantize_bytes_avx2(in + start / 2, std::min(blocksize, n - start), scales(b), out + start);
+  }
 }
+#endif
 
 // Whether to take the SIMD path; LLMKIT_FORCE_SCALAR=1 makes tests cover the scalar one.
 bool use_simd() {
@@ -245,23 +288,21 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& input_, in
   LLMKIT_DISPATCH_FLOAT_HALF_BF16(input.scalar_type(), "quantize_nf4_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
-      alignas(64) float buffer[kMaxBlock];  // fp16/bf16 blocks are widened here first
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * blocksize;
-        const int64_t len = std::min(blocksize, n - start);
-        const float* xs = block_as_float(x + start, len, buffer, simd);
-        amax[b] = quantize_block(xs, len, len == blocksize, out + start / 2, simd);
-      }
+#ifdef LLMKIT_X86
+      if (simd) return quantize_range_avx2(x, n, blocksize, b0, b1, out, amax);
+#endif
+      quantize_range_scalar(x, n, blocksize, b0, b1, out, amax);
     });
   });
   return {packed, absmax};
 }
 
-at::Tensor dequantize_nf4_cpu(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
-                              c10::SymIntArrayRef shape_, at::ScalarType dtype,
-                              const std::optional<at::Tensor>& nested_absmax,
-                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                              int64_t nested_blocksize) {
+void dequantize_nf4_cpu_into(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
+                                   c10::SymIntArrayRef shape_, at::ScalarType dtype,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_code,
+                                   const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                   at::Tensor& out) {
   const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
   int64_t n = 1;
   for (int64_t d : shape) {
@@ -273,42 +314,45 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed_, const at::Tensor& absma
   const at::Tensor packed = packed_.contiguous();
   const at::Tensor absmax = absmax_.contiguous();
   const int64_t blocks = absmax.numel();
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  check_dequantize_out(out, shape, dtype, packed);
   const uint8_t* in = packed.const_data_ptr<uint8_t>();
   const bool simd = use_simd();
 
-  // Per-block scale. Double quant: code2[q] * absmax2 + offset as two float32
-  // roundings, the order bitsandbytes' dequantize_blockwise then `+= offset` use.
+  BlockScales scales;
   at::Tensor absmax2, code2;
-  const float* am_f32 = nullptr;
-  const uint8_t* am_q = nullptr;
-  const float *am2 = nullptr, *c2 = nullptr;
-  float off = 0.0f;
   if (nested_absmax.has_value()) {
     absmax2 = nested_absmax->contiguous();
     code2 = nested_code->contiguous();
-    am_q = absmax.const_data_ptr<uint8_t>();
-    am2 = absmax2.const_data_ptr<float>();
-    c2 = code2.const_data_ptr<float>();
-    off = offset->item<float>();
+    scales.q = absmax.const_data_ptr<uint8_t>();
+    scales.absmax2 = absmax2.const_data_ptr<float>();
+    scales.code2 = code2.const_data_ptr<float>();
+    scales.offset = offset->item<float>();
+    scales.nested_blocksize = nested_blocksize;
   } else {
-    am_f32 = absmax.const_data_ptr<float>();
+    scales.absmax = absmax.const_data_ptr<float>();
   }
-  auto block_scale = [&](int64_t b) -> float {
-    if (am_f32 != nullptr) return am_f32[b];
-    const float dq = c2[am_q[b]] * am2[b / nested_blocksize];
-    return dq + off;
-  };
 
   LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "dequantize_nf4_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t start = b * blocksize;
-        dequantize_bytes(in + start / 2, std::min(blocksize, n - start), block_scale(b), o + start, simd);
-      }
+#ifdef LLMKIT_X86
+      if (simd) return dequantize_range_avx2(in, n, blocksize, b0, b1, scales, o);
+#endif
+      dequantize_range_scalar(in, n, blocksize, b0, b1, scales, o);
     });
   });
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              c10::SymIntArrayRef shape, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                              int64_t nested_blocksize) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequantize_nf4: packed must be uint8, got ",
+                   packed.scalar_type());
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  dequantize_nf4_cpu_into(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                nested_blocksize, out);
   return out;
 }
 
@@ -348,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
 TORCH_LIBRARY_IMPL(llmkit, CPU, m) {
   m.impl("quantize_nf4", &quantize_nf4_cpu);
   m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+  m.impl("dequantize_nf4_into", &dequantize_nf4_cpu_into);
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
 }
 

@@ -187,11 +187,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& input_, i
   return {packed, absmax};
 }
 
-at::Tensor dequantize_nf4_cuda(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
-                               c10::SymIntArrayRef shape_, at::ScalarType dtype,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                               int64_t nested_blocksize) {
+void dequantize_nf4_cuda_into(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
+                                    c10::SymIntArrayRef shape_, at::ScalarType dtype,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& nested_code,
+                                    const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                    at::Tensor& out) {
   const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
   int64_t n = 1;
   for (int64_t d : shape) {
@@ -203,7 +204,7 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed_, const at::Tensor& absm
   const c10::cuda::CUDAGuard guard(packed_.device());
   const at::Tensor packed = packed_.contiguous();
   const at::Tensor absmax = absmax_.contiguous();
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  check_dequantize_out(out, shape, dtype, packed);
   at::Tensor absmax2, code2, off;
   const bool nested = nested_absmax.has_value();
   if (nested) {
@@ -224,6 +225,18 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed_, const at::Tensor& absm
         static_cast<int>(nested_blocksize), aligned, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                               c10::SymIntArrayRef shape, at::ScalarType dtype,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                               int64_t nested_blocksize) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequantize_nf4: packed must be uint8, got ",
+                   packed.scalar_type());
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
+  dequantize_nf4_cuda_into(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                 nested_blocksize, out);
   return out;
 }
 
@@ -250,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
 TORCH_LIBRARY_IMPL(llmkit, CUDA, m) {
   m.impl("quantize_nf4", &quantize_nf4_cuda);
   m.impl("dequantize_nf4", &dequantize_nf4_cuda);
+  m.impl("dequantize_nf4_into", &dequantize_nf4_cuda_into);
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
 }
 

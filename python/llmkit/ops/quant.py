@@ -64,13 +64,17 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return packed, state
 
 
-def dequantize_nf4(packed: torch.Tensor, state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, state, out_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequantize NF4 `packed` with its `state` back to a tensor of ``state.shape``.
 
     `state` is an :class:`NF4State` or a bitsandbytes ``QuantState`` (NF4).
     `out_dtype` defaults to the dtype that was quantized. Equal to
     ``bitsandbytes.functional.dequantize_4bit(packed, state)``; double-quantized
-    absmax is decoded inside the kernel, never materialised.
+    absmax is decoded inside the kernel, never materialised. With `out` (a
+    contiguous tensor of ``state.shape``), writes there: reusing one buffer
+    avoids the page faults of a fresh allocation on every call.
     """
     if not isinstance(state, NF4State):
         if hasattr(state, "quant_type") and hasattr(state, "absmax"):
@@ -79,22 +83,21 @@ def dequantize_nf4(packed: torch.Tensor, state, out_dtype: torch.dtype | None = 
             raise TypeError(f"state must be an NF4State or a bitsandbytes QuantState, got {type(state).__name__}")
     _check_tensor("packed", packed)
     _check_tensor("state.absmax", state.absmax, packed)
+    if out is not None:
+        _check_tensor("out", out, packed)
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise TypeError(f"out_dtype {out_dtype} disagrees with out.dtype {out.dtype}")
+        out_dtype = out.dtype
     dtype = state.dtype if out_dtype is None else out_dtype
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype}")
-    if state.state2 is None:
-        return torch.ops.llmkit.dequantize_nf4(packed, state.absmax, state.blocksize, list(state.shape), dtype)
-    return torch.ops.llmkit.dequantize_nf4(
-        packed,
-        state.absmax,
-        state.blocksize,
-        list(state.shape),
-        dtype,
-        state.state2.absmax,
-        state.state2.code,
-        state.offset,
-        state.state2.blocksize,
-    )
+    args = [packed, state.absmax, state.blocksize, list(state.shape), dtype]
+    if state.state2 is not None:
+        args += [state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize]
+    if out is None:
+        return torch.ops.llmkit.dequantize_nf4(*args)
+    torch.ops.llmkit.dequantize_nf4_into(*args, out=out)
+    return out
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
@@ -123,6 +126,12 @@ def _quantize_nf4_fake(input, blocksize):
 def _dequantize_nf4_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
                          offset=None, nested_blocksize=256):
     return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("llmkit::dequantize_nf4_into")
+def _dequantize_nf4_into_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
+                              offset=None, nested_blocksize=256, *, out):
+    return None
 
 
 @torch.library.register_fake("llmkit::quantize_blockwise_8bit")
