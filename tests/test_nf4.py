@@ -375,3 +375,14 @@ def test_dequantize_into_out_buffer(device):
     torch.library.opcheck(
         torch.ops.llmkit.dequantize_nf4_into.default, args, {"out": torch.empty(257, 130, dtype=torch.bfloat16, device=device)}
     )
+
+
+def test_large_output_path(device):
+    """Outputs of 16 MiB and more are allocated 2 MiB-aligned (huge pages) on the CPU."""
+    w = random_weights((4096, 1024), torch.float32, device, seed=12)
+    packed, state = quantize_nf4(w, 64, double_quant=True)
+    out = dequantize_nf4(packed, state)
+    assert out.shape == w.shape and out.is_contiguous()
+    assert torch.equal(out, ref.dequantize_nf4(packed, state))
+    out.add_(1)  # writable, and freed without error when dropped
+    del out

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check: build llmkit for the GPU at hand only, run every test (CUDA
+# parametrisations included), compute-sanitizer memcheck on small cases of
+# each kernel, and the benchmarks; logs and JSON go to $OUT (or $1).
+# Made for the device machine: NVIDIA GPU, no internet, torch + nvcc + cmake +
+# ninja + scikit-build-core already installed. Budget: under 8 minutes.
+#   bash bench/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT_DIR/summary.txt"; }
+
+nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
+CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$CAP}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+[ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDACXX=/usr/local/cuda/bin/nvcc CUDA_HOME=/usr/local/cuda
+log "building for sm_$CAP (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+if ! LLMKIT_CUDA=1 timeout 300 $PY -m pip install --no-build-isolation --no-deps -v . > "$OUT_DIR/build.log" 2>&1; then
+    log "BUILD FAILED"; tail -40 "$OUT_DIR/build.log" | tee -a "$OUT_DIR/summary.txt"; exit 1
+fi
+grep -E "llmkit:" "$OUT_DIR/build.log" | tee -a "$OUT_DIR/summary.txt"
+$PY - > "$OUT_DIR/device.json" <<'PYEOF'
+import json, subprocess, torch, llmkit
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+print(json.dumps({"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
+                  "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
+                  "build": llmkit.build_info()}, indent=2))
+PYEOF
+cat "$OUT_DIR/device.json" | tee -a "$OUT_DIR/summary.txt"
+
+log "tests (CPU and CUDA parametrisations)"
+timeout 240 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" tests > "$OUT_DIR/tests.log" 2>&1
+log "tests exit $?: $(tail -1 "$OUT_DIR/tests.log")"
+
+if command -v compute-sanitizer > /dev/null; then
+    log "compute-sanitizer memcheck (small quantize / dequantize / 8-bit cases)"
+    cat > "$OUT_DIR/sanitize_case.py" <<'PYEOF'
+import torch, llmkit
+from llmkit.ops import quantize_nf4, dequantize_nf4
+for shape, dtype in [((333, 17), torch.float32), ((1001,), torch.bfloat16), ((7, 64), torch.float16)]:
+    w = torch.randn(shape).to(dtype).cuda()
+    for dq in (False, True):
+        p, s = quantize_nf4(w, 64, dq)
+        dequantize_nf4(p, s)
+        dequantize_nf4(p, s, out=torch.empty(shape, dtype=dtype, device="cuda"))
+torch.cuda.synchronize()
+print("sanitize case done")
+PYEOF
+    timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY "$OUT_DIR/sanitize_case.py" > "$OUT_DIR/memcheck.log" 2>&1
+    log "memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/memcheck.log" | tail -1)"
+else
+    log "compute-sanitizer not found: memcheck skipped"
+fi
+
+log "benchmarks"
+timeout 240 $PY -m llmkit.bench nf4 --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
+log "bench exit $?"
+tail -60 "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
+log "done; results in $OUT_DIR"

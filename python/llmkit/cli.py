@@ -1,0 +1,57 @@
+"""The `llmkit` command.
+
+    llmkit bench [NAME ...] [--quick] [--out DIR] [--repeats N] [--device D]
+    llmkit info     build of llmkit (backends, torch, CUDA archs) as JSON
+    llmkit demo     quantize a real-sized layer to NF4 and benchmark it
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from llmkit import bench
+
+    return bench.run_from_args(args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import llmkit
+
+    print(json.dumps(llmkit.build_info(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llmkit import demo
+
+    return demo.main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmkit.bench import add_arguments
+
+    parser = argparse.ArgumentParser(prog="llmkit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    bench = commands.add_parser("bench", help="run benchmarks side by side with their peers")
+    add_arguments(bench)
+    bench.set_defaults(handler=_bench)
+
+    info = commands.add_parser("info", help="print build_info() as JSON")
+    info.set_defaults(handler=_info)
+
+    demo = commands.add_parser("demo", help="NF4-quantize a GPT-2-sized layer, report errors and memory, benchmark")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`llmkit demo`: NF4 on real-sized layers, then the NF4 benchmark.
+
+For each layer: quantize the weight with llmkit's NF4 (blocksize 64, double
+quant), dequantize it, and report the weight error, the bits per parameter
+with the quantization state counted, the memory saved, how much the layer's
+output moves on a random batch, and whether bitsandbytes produces the same
+bytes. Then run `llmkit bench nf4 --quick` and print its table.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+BLOCKSIZE = 64
+BATCH = 32
+MIB = 1024 * 1024
+
+
+@dataclass
+class DemoLayer:
+    name: str
+    short_name: str  # for the progress bar
+    weight: torch.Tensor
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight) -> output
+    in_features: int
+
+
+def gpt2_like_linear() -> DemoLayer:
+    layer = torch.nn.Linear(4096, 4096)
+    torch.nn.init.normal_(layer.weight, mean=0.0, std=0.02)  # GPT-2's init for Linear weights
+    return DemoLayer("nn.Linear(4096, 4096), GPT-2 init", "Linear", layer.weight.detach(), lambda x, w: x @ w.T, 4096)
+
+
+def gpt2_c_fc() -> DemoLayer | str:
+    """The c_fc weight of a randomly initialised GPT2Block (no download), or why there is none."""
+    try:
+        from transformers import GPT2Config
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    except ImportError as err:
+        return f"transformers is not installed ({err}); skipped the GPT2Block c_fc layer"
+    config = GPT2Config()
+    c_fc = GPT2Block(config).mlp.c_fc
+    # transformers' Conv1D stores the weight as (in, out) and computes x @ W.
+    return DemoLayer(f"GPT2Block(GPT2Config()).mlp.c_fc (transformers Conv1D {config.n_embd}->{4 * config.n_embd})",
+                     "GPT2 c_fc", c_fc.weight.detach(), lambda x, w: x @ w, config.n_embd)
+
+
+def state_nbytes(state) -> int:
+    """Stored statistics: absmax, plus nested absmax and offset with double quant
+    (the 16- and 256-entry code tables are shared constants and left out)."""
+    from llmkit.bench.nf4 import state_tensors
+
+    return sum(t.numel() * t.element_size() for t in state_tensors(state).values())
+
+
+STEPS = ("quantize", "dequantize", "weight error", "layer output", "bitsandbytes")
+
+
+def round_trip(layer: DemoLayer, bar: tqdm) -> list[str]:
+    """Quantize, dequantize and measure one layer; return report lines."""
+    from llmkit import ops
+    from llmkit.bench.nf4 import compare_quantized
+
+    def done(step):
+        bar.set_postfix_str(f"{layer.short_name}: {step} done")
+        bar.update(1)
+
+    w = layer.weight
+    packed, state = ops.quantize_nf4(w, blocksize=BLOCKSIZE, double_quant=True)
+    done("quantize")
+    w_nf4 = ops.dequantize_nf4(packed, state, out_dtype=w.dtype)
+    done("dequantize")
+
+    err = (w_nf4 - w).abs()
+    rel_fro = (torch.linalg.vector_norm(w_nf4 - w) / torch.linalg.vector_norm(w)).item()
+    before = w.numel() * w.element_size()
+    packed_bytes, stats_bytes = packed.numel() * packed.element_size(), state_nbytes(state)
+    after = packed_bytes + stats_bytes
+    bf16 = w.numel() * 2
+    done("weight error")
+
+    x = torch.randn(BATCH, layer.in_features, dtype=w.dtype)
+    y, y_nf4 = layer.forward(x, w), layer.forward(x, w_nf4)
+    out_rel = (torch.linalg.vector_norm(y_nf4 - y) / torch.linalg.vector_norm(y)).item()
+    done("layer output")
+
+    try:
+        import bitsandbytes.functional as bnbf
+
+        theirs = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+        vs_bnb = compare_quantized((packed, state), theirs, "llmkit")
+    except Exception as err:  # optional peer: report, do not abort the demo
+        vs_bnb = f"not compared: {type(err).__name__}: {err}"
+    done("bitsandbytes")
+
+    shape = "x".join(map(str, w.shape))
+    dtype = str(w.dtype).removeprefix("torch.")
+    return [
+        f"{layer.name}",
+        f"  weight          {shape} {dtype}, std {w.float().std().item():.5f} (measured)",
+        f"  weight error    max |W - W_nf4| {err.max().item():.3e}, mean {err.mean().item():.3e}, "
+        f"relative Frobenius {rel_fro:.3e}",
+        f"  storage         {before / MIB:.2f} MiB {dtype} -> {after / MIB:.2f} MiB NF4 "
+        f"(packed {packed_bytes / MIB:.2f} MiB + state {stats_bytes / MIB:.3f} MiB): "
+        f"{8 * after / w.numel():.3f} bits/param, saves {1 - after / before:.1%} "
+        f"({1 - after / bf16:.1%} vs bf16)",
+        f"  layer output    x[{BATCH}x{layer.in_features}] through W vs W_nf4: relative error {out_rel:.3e} (Frobenius)",
+        f"  bitsandbytes    {vs_bnb}",
+    ]
+
+
+def main() -> int:
+    try:
+        from llmkit import ops  # noqa: F401
+    except ImportError as err:
+        print(f"llmkit demo needs llmkit's built extension: {err}", file=sys.stderr)
+        return 1
+    from llmkit.bench import make_options, print_table, registered, run_benchmark
+
+    torch.manual_seed(0)
+    print(f"llmkit demo: NF4 (blocksize {BLOCKSIZE}, double quant) round trip, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    layers: list[DemoLayer] = [gpt2_like_linear()]
+    gpt2 = gpt2_c_fc()
+    if isinstance(gpt2, str):
+        print(f"note: {gpt2}\n")
+    else:
+        layers.append(gpt2)
+
+    with tqdm(total=len(layers) * len(STEPS), desc="NF4 round trip", file=sys.stderr, leave=False) as bar:
+        reports = [round_trip(layer, bar) for layer in layers]
+    for lines in reports:
+        print("\n".join(lines) + "\n")
+
+    print("NF4 benchmark (quick: 1024x1024; `llmkit bench nf4` runs 4096x4096):\n")
+    result = run_benchmark(registered()["nf4"], make_options(quick=True))
+    print_table(result)
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved: `llmkit bench nf4` writes JSON and a plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
