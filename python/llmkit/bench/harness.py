@@ -476,8 +476,12 @@ def format_table(result: BenchResult) -> str:
 
 
 def print_table(result: BenchResult, file=None) -> None:
-    """Print with rich when it is installed, plain text otherwise."""
+    """Print with rich on a terminal when it is installed, plain text otherwise
+    (rich squeezes a wide table into 80 columns when output goes to a file or pipe)."""
     file = file or sys.stdout
+    if not (hasattr(file, "isatty") and file.isatty()):
+        print(format_table(result), file=file)
+        return
     try:
         from rich.console import Console
         from rich.table import Table
