@@ -105,8 +105,9 @@ inline void build_code_lut(const float* code, uint8_t* lut) {
 // Shared argument checks, so CPU and CUDA reject bad input with the same words.
 void check_blocksize(int64_t blocksize, int64_t lo, int64_t hi, const char* op);
 void check_quantize_nf4_args(const at::Tensor& input, int64_t blocksize);
-void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               int64_t numel, at::ScalarType dtype,
+// Returns the element count of `shape`.
+int64_t check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                  at::IntArrayRef shape, at::ScalarType dtype,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
                                const std::optional<at::Tensor>& offset, int64_t nested_blocksize);

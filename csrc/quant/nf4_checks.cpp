@@ -19,11 +19,16 @@ void check_quantize_nf4_args(const at::Tensor& input, int64_t blocksize) {
   TORCH_CHECK_VALUE(input.numel() > 0, "quantize_nf4: cannot quantize an empty tensor");
 }
 
-void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               int64_t numel, at::ScalarType dtype,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code,
-                               const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+int64_t check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                  at::IntArrayRef shape, at::ScalarType dtype,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code,
+                                  const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  int64_t numel = 1;
+  for (int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, "dequantize_nf4: negative dimension in shape ", shape);
+    numel *= d;
+  }
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequantize_nf4: packed must be uint8, got ",
                    packed.scalar_type());
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -44,7 +49,7 @@ void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
   if (!nested) {
     TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, "dequantize_nf4: absmax must be float32, got ",
                      absmax.scalar_type());
-    return;
+    return numel;
   }
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kByte,
                    "dequantize_nf4: with double quant, absmax holds uint8 codes, got ", absmax.scalar_type());
@@ -65,6 +70,7 @@ void check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& absma
     TORCH_CHECK_VALUE(t->device() == packed.device(), "dequantize_nf4: the nested state is on ", t->device(),
                       " but packed is on ", packed.device());
   }
+  return numel;
 }
 
 void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,

@@ -307,12 +307,7 @@ void dequantize_nf4_cpu_into(const at::Tensor& packed_, const at::Tensor& absmax
                                    const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                                    at::Tensor& out) {
   const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    TORCH_CHECK_VALUE(d >= 0, "dequantize_nf4: negative dimension in shape ", shape);
-    n *= d;
-  }
-  check_dequantize_nf4_args(packed_, absmax_, blocksize, n, dtype, nested_absmax, nested_code, offset,
+  const int64_t n = check_dequantize_nf4_args(packed_, absmax_, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                             nested_blocksize);
   const at::Tensor packed = packed_.contiguous();
   const at::Tensor absmax = absmax_.contiguous();
@@ -371,8 +366,8 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               const std::optional<at::Tensor>& nested_absmax,
                               const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                               int64_t nested_blocksize) {
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequantize_nf4: packed must be uint8, got ",
-                   packed.scalar_type());
+  check_dequantize_nf4_args(packed, absmax, blocksize, C10_AS_INTARRAYREF_SLOW(shape), dtype, nested_absmax,
+                            nested_code, offset, nested_blocksize);  // before allocating
   at::Tensor out = empty_large_output(C10_AS_INTARRAYREF_SLOW(shape), packed.options().dtype(dtype));
   dequantize_nf4_cpu_into(packed, absmax, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                                 nested_blocksize, out);
