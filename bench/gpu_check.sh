@@ -46,6 +46,8 @@ for shape, dtype in [((333, 17), torch.float32), ((1001,), torch.bfloat16), ((7,
         p, s = quantize_nf4(w, 64, dq)
         dequantize_nf4(p, s)
         dequantize_nf4(p, s, out=torch.empty(shape, dtype=dtype, device="cuda"))
+        n = torch.Size(shape).numel()  # a buffer at an odd offset: unaligned stores path
+        dequantize_nf4(p, s, out=torch.empty(n + 1, dtype=dtype, device="cuda")[1:].view(shape))
 torch.cuda.synchronize()
 print("sanitize case done")
 PYEOF

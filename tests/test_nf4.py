@@ -365,6 +365,11 @@ def test_dequantize_into_out_buffer(device):
             assert result.data_ptr() == buf.data_ptr()
             assert torch.equal(buf, ref.dequantize_nf4(packed, state, dtype))
     packed, state = quantize_nf4(w, 64)
+    # a buffer that is a view at an odd element offset: no aligned vector stores
+    backing = torch.full((w.numel() + 1,), float("nan"), device=device)
+    shifted = backing[1:].view(w.shape)
+    dequantize_nf4(packed, state, out=shifted)
+    assert torch.equal(shifted, ref.dequantize_nf4(packed, state)) and backing[0].isnan()
     with pytest.raises(ValueError, match="out has shape"):
         dequantize_nf4(packed, state, out=torch.empty(257, 129, device=device))
     with pytest.raises(ValueError, match="contiguous"):

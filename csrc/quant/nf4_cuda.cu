@@ -89,7 +89,7 @@ __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, int64_
                                       const float* __restrict__ absmax, const uint8_t* __restrict__ absmax_q,
                                       const float* __restrict__ absmax2, const float* __restrict__ code2,
                                       const float* __restrict__ offset, int nested_blocksize, bool packed_aligned,
-                                      T* __restrict__ out) {
+                                      bool out_aligned, T* __restrict__ out) {
   using C = Convert<T>;
   using D = typename C::Device;
   D* od = reinterpret_cast<D*>(out);
@@ -119,7 +119,7 @@ __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, int64_
       vals[2 * k] = C::from_float(__fmul_rn(kDeviceNF4Codes[bytes[k] >> 4], scale));
       vals[2 * k + 1] = C::from_float(__fmul_rn(kDeviceNF4Codes[bytes[k] & 15], scale));
     }
-    if (count == 8) {  // e0 is a multiple of 8: the store is aligned
+    if (count == 8 && out_aligned) {  // e0 is a multiple of 8: aligned when the base is 16-byte aligned
       if constexpr (sizeof(D) == 4) {
         reinterpret_cast<float4*>(od + e0)[0] = *reinterpret_cast<float4*>(vals);
         reinterpret_cast<float4*>(od + e0)[1] = *reinterpret_cast<float4*>(vals + 4);
@@ -217,7 +217,8 @@ void dequantize_nf4_cuda_into(const at::Tensor& packed_, const at::Tensor& absma
         in, n, static_cast<int>(blocksize), nested ? nullptr : absmax.const_data_ptr<float>(),
         nested ? absmax.const_data_ptr<uint8_t>() : nullptr, nested ? absmax2.const_data_ptr<float>() : nullptr,
         nested ? code2.const_data_ptr<float>() : nullptr, nested ? off.const_data_ptr<float>() : nullptr,
-        static_cast<int>(nested_blocksize), aligned, out.data_ptr<scalar_t>());
+        static_cast<int>(nested_blocksize), aligned, reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+        out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
