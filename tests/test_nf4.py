@@ -391,3 +391,20 @@ def test_large_output_path(device):
     assert torch.equal(out, ref.dequantize_nf4(packed, state))
     out.add_(1)  # writable, and freed without error when dropped
     del out
+
+
+def test_blockwise_8bit_wrapper(device):
+    from llmkit.ops import quantize_blockwise_8bit
+
+    x = random_weights((1000,), torch.float32, device, seed=13)
+    q, absmax = quantize_blockwise_8bit(x)
+    q_ref, absmax_ref = ref.quantize_blockwise_8bit(x, dynamic_map().to(device), 256)
+    assert torch.equal(q, q_ref) and torch.equal(absmax, absmax_ref)
+    with pytest.raises(TypeError, match="float32"):
+        quantize_blockwise_8bit(x.double())
+    with pytest.raises(ValueError, match="sorted"):
+        quantize_blockwise_8bit(x, dynamic_map().flip(0).to(device))
+    with pytest.raises(ValueError, match="sorted"):
+        quantize_blockwise_8bit(x, dynamic_map()[:128].to(device))
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_blockwise_8bit(x, blocksize=100)

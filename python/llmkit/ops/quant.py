@@ -105,8 +105,13 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     nearest of 256 sorted `code` values (the dynamic map by default) of
     x / absmax(block), ties to the lower code. Returns ``(q, absmax)``."""
     _check_tensor("x", x)
-    code = cached_dynamic_map(x.device) if code is None else code
-    _check_tensor("code", code, x)
+    if code is None:
+        code = cached_dynamic_map(x.device)
+    else:
+        _check_tensor("code", code, x)
+        # The kernels' nearest-code search assumes a sorted code (256 values: a cheap check).
+        if code.dim() != 1 or code.numel() != 256 or not bool((code[1:] >= code[:-1]).all()):
+            raise ValueError("code must be a sorted 1-D tensor of 256 values (like dynamic_map())")
     return torch.ops.llmkit.quantize_blockwise_8bit(x, code, blocksize)
 
 
