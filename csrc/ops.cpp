@@ -24,6 +24,22 @@ TORCH_LIBRARY(llmkit, m) {
       "int nested_blocksize=256, *, Tensor(a!) out) -> ()");
   // bitsandbytes' quantize_blockwise: nearest of 256 sorted codes of x / absmax(block).
   m.def("quantize_blockwise_8bit(Tensor input, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
+
+  // ---- attention: flash attention, sliding window, Longformer global tokens ----
+  // Fixed length: q (b, sq, hq, d), k/v (b, sk, hk, d), cu_seqlens None, lse (b, hq, sq).
+  // Varlen: q (total_q, hq, d), k/v (total_k, hk, d), int32 cu_seqlens (b + 1), lse (hq, total_q).
+  // window: -1 unbounded; causal is window_right = 0 (bottom-right aligned).
+  // global_tokens: bool (b, s) or (total,), symmetric global attention (sq == sk).
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "Tensor? global_tokens) -> (Tensor out, Tensor lse)");
+  // Gradients from the forward's out and lse (recomputes the probabilities).
+  m.def(
+      "flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+      "int window_left, int window_right, Tensor? global_tokens, bool deterministic) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 namespace {

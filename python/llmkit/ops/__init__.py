@@ -5,10 +5,13 @@ for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
 """
 
 from . import reference
+from .attention import flash_attention, flash_attention_varlen
 from .quant import dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
 from .quant_state import NestedState, NF4State, dynamic_map, nf4_code
 
 __all__ = [
+    "flash_attention",
+    "flash_attention_varlen",
     "quantize_nf4",
     "dequantize_nf4",
     "quantize_blockwise_8bit",

@@ -86,3 +86,94 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     table = torch.searchsorted(mids, grid)  # midpoints strictly below each grid point
     q = torch.where(absmax[:, None] > 0, table[j], torch.zeros_like(j))
     return q.reshape(-1)[:n].to(torch.uint8).reshape(x.shape), absmax
+
+
+# ---------------------------------------------------------------- attention --
+
+def attention_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int] = (-1, -1),
+                   global_tokens: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Which keys each query sees, as a bool (seqlen_q, seqlen_k) matrix.
+
+    flash-attn's convention: query i sees keys
+    ``[i + sk - sq - left, i + sk - sq + right]`` (-1 = unbounded; causal is
+    right = 0, bottom-right aligned). ``global_tokens`` (bool, seqlen, needs
+    sq == sk) adds Longformer's symmetric global attention: a global token sees
+    every key and every query sees it.
+    """
+    left, right = window
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    diag = i + seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        mask &= j >= diag - left
+    if right >= 0:
+        mask &= j <= diag + right
+    if global_tokens is not None:
+        g = global_tokens.to(device=device, dtype=torch.bool)
+        mask |= g[:, None] | g[None, :]
+    return mask
+
+
+def _attention_one(q, k, v, scale, window, global_tokens):
+    """q (sq, hq, d), k/v (sk, hk, d) -> out (sq, hq, d), lse (hq, sq); float64."""
+    sq, hq, _ = q.shape
+    sk, hk, _ = k.shape
+    k = k.repeat_interleave(hq // hk, dim=1)
+    v = v.repeat_interleave(hq // hk, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    mask = attention_mask(sq, sk, window, global_tokens, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf for a query without keys
+    probs = torch.exp(scores - lse[..., None].clamp(min=torch.finfo(scores.dtype).min))
+    probs = torch.where(mask, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    out = torch.einsum("hij,jhd->ihd", probs, v)
+    return out, lse
+
+
+def flash_attention(q, k, v, causal: bool = False, window: tuple[int, int] = (-1, -1),
+                    softmax_scale: float | None = None, global_tokens: torch.Tensor | None = None,
+                    return_lse: bool = False):
+    """Reference of :func:`llmkit.ops.flash_attention`: dense, in float64.
+
+    q (batch, sq, hq, d), k/v (batch, sk, hk, d); returns out in float64 (and
+    lse (batch, hq, sq)). Differentiable, so it also defines the gradients.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    left, right = window
+    if causal:
+        right = 0
+    q, k, v = (t.double() for t in (q, k, v))
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        g = None if global_tokens is None else global_tokens[b]
+        o, l = _attention_one(q[b], k[b], v[b], scale, (left, right), g)
+        outs.append(o)
+        lses.append(l)
+    out, lse = torch.stack(outs), torch.stack(lses)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                           causal: bool = False, window: tuple[int, int] = (-1, -1),
+                           softmax_scale: float | None = None, global_tokens: torch.Tensor | None = None,
+                           return_lse: bool = False):
+    """Reference of :func:`llmkit.ops.flash_attention_varlen`: each packed
+    sequence attended on its own, in float64. q (total_q, hq, d), k/v
+    (total_k, hk, d); lse (hq, total_q)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    left, right = window
+    if causal:
+        right = 0
+    q, k, v = (t.double() for t in (q, k, v))
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        g = None if global_tokens is None else global_tokens[cq[b]:cq[b + 1]]
+        o, l = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+                              scale, (left, right), g)
+        outs.append(o)
+        lses.append(l)
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0)
+    return (out, lse) if return_lse else out

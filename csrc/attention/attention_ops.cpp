@@ -1,0 +1,290 @@
+// The attention ops' entry points for both backends: argument checks (one
+// place, so CPU and CUDA reject the same inputs with the same message),
+// output allocation, the problem description handed to the kernels, and the
+// registration of torch.ops.llmkit.flash_attention_{forward,backward}.
+// TORCH_CHECK_TYPE raises TypeError, TORCH_CHECK_VALUE ValueError in Python.
+#include "attention/attention.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#ifdef LLMKIT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace llmkit::attention {
+namespace {
+
+bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+// The kernels index rows and heads by stride but read head_dim contiguously.
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Host copy of int32 offsets, validated: starts at 0, never decreases, ends
+// within `rows`, and no sequence is longer than `max_seqlen`.
+std::vector<int32_t> checked_offsets(const at::Tensor& cu, const char* name, int64_t rows, int64_t max_seqlen) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "flash_attention_varlen: ", name, " must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "flash_attention_varlen: ", name,
+                    " must be 1-D with batch + 1 entries, got shape ", cu.sizes());
+  const at::Tensor host = cu.to(at::kCPU).contiguous();
+  const int32_t* p = host.const_data_ptr<int32_t>();
+  std::vector<int32_t> offsets(p, p + host.numel());
+  TORCH_CHECK_VALUE(offsets[0] == 0, "flash_attention_varlen: ", name, " must start at 0, got ", offsets[0]);
+  for (size_t b = 1; b < offsets.size(); ++b) {
+    const int64_t len = int64_t(offsets[b]) - offsets[b - 1];
+    TORCH_CHECK_VALUE(len >= 0, "flash_attention_varlen: ", name, " must not decrease, but entry ", b, " (",
+                      offsets[b], ") < entry ", b - 1, " (", offsets[b - 1], ")");
+    TORCH_CHECK_VALUE(len <= max_seqlen, "flash_attention_varlen: sequence ", b - 1, " has ", len,
+                      " rows in ", name, " but max_seqlen is ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(offsets.back() <= rows, "flash_attention_varlen: ", name, " ends at ", offsets.back(),
+                    " but the packed tensor has ", rows, " rows");
+  return offsets;
+}
+
+}  // namespace
+
+void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& cu_seqlens_q,
+                        const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+                        const c10::optional<at::Tensor>& global_tokens, AttentionParams& p) {
+  const bool varlen = cu_seqlens_q.has_value();
+  const char* op = varlen ? "flash_attention_varlen" : "flash_attention";
+  TORCH_CHECK_VALUE(varlen == cu_seqlens_k.has_value(), op, ": give both cu_seqlens_q and cu_seqlens_k or neither");
+  TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), op, ": q must be float32, float16 or bfloat16, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
+                    ": q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  const int64_t rank = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  TORCH_CHECK_VALUE(q.dim() == rank && k.dim() == rank && v.dim() == rank, op, ": q, k and v must be ", rank,
+                    "-D ", layout, ", got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  const int64_t d = q.size(-1);
+  TORCH_CHECK_VALUE(k.size(-1) == d, op, ": q and k must have one head_dim, got ", d, " and ", k.size(-1));
+  TORCH_CHECK_VALUE(d > 0 && d % 8 == 0 && d <= kMaxHeadDim, op,
+                    ": head_dim must be a multiple of 8 up to ", kMaxHeadDim, ", got ", d);
+  const int64_t hq = q.size(-2), hk = k.size(-2);
+  TORCH_CHECK_VALUE(hq > 0 && hk > 0 && hq % hk == 0, op, ": the query heads (", hq,
+                    ") must be a multiple of the key/value heads (", hk, ")");
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
+                    ": window sizes must be >= -1 (-1 = unbounded), got (", window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+
+  p = AttentionParams{};
+  p.heads_q = hq;
+  p.heads_kv = hk;
+  p.head_dim = d;
+  p.scale = static_cast<float>(softmax_scale);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  if (varlen) {
+    const at::Tensor& cu_q = *cu_seqlens_q;
+    const at::Tensor& cu_k = *cu_seqlens_k;
+    TORCH_CHECK_VALUE(cu_q.device() == q.device() && cu_k.device() == q.device(), op,
+                      ": cu_seqlens must be on q's device (", q.device(), ")");
+    TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen must be >= 0");
+    const auto offsets_q = checked_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q);
+    const auto offsets_k = checked_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k);
+    TORCH_CHECK_VALUE(offsets_q.size() == offsets_k.size(), op,
+                      ": cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got ", offsets_q.size(),
+                      " and ", offsets_k.size());
+    TORCH_CHECK_VALUE(cu_q.is_contiguous() && cu_k.is_contiguous(), op, ": cu_seqlens must be contiguous");
+    p.batch = static_cast<int64_t>(offsets_q.size()) - 1;
+    p.seqlen_q = max_seqlen_q;
+    p.seqlen_k = max_seqlen_k;
+    p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
+    p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
+    p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
+    p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
+    if (global_tokens.has_value()) {
+      TORCH_CHECK_VALUE(offsets_q == offsets_k, op,
+                        ": global_tokens need self-attention: cu_seqlens_q must equal cu_seqlens_k");
+      const at::Tensor& g = *global_tokens;
+      TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, op, ": global_tokens must be bool, got ", g.scalar_type());
+      TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == q.size(0) && g.device() == q.device() && g.is_contiguous(),
+                        op, ": global_tokens must be a contiguous bool (total_q,) = (", q.size(0),
+                        ",) on q's device, got shape ", g.sizes(), " on ", g.device());
+      p.global_tokens = g.const_data_ptr<bool>();
+    }
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), op, ": q and k must have one batch size, got ", q.size(0), " and ",
+                      k.size(0));
+    p.batch = q.size(0);
+    p.seqlen_q = q.size(1);
+    p.seqlen_k = k.size(1);
+    p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+    p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+    p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+    if (global_tokens.has_value()) {
+      TORCH_CHECK_VALUE(p.seqlen_q == p.seqlen_k, op,
+                        ": global_tokens need self-attention (seqlen_q == seqlen_k), got ", p.seqlen_q, " and ",
+                        p.seqlen_k);
+      const at::Tensor& g = *global_tokens;
+      TORCH_CHECK_TYPE(g.scalar_type() == at::kBool, op, ": global_tokens must be bool, got ", g.scalar_type());
+      TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == p.batch && g.size(1) == p.seqlen_q &&
+                            g.device() == q.device() && g.is_contiguous(),
+                        op, ": global_tokens must be a contiguous bool (batch, seqlen) = (", p.batch, ", ",
+                        p.seqlen_q, ") on q's device, got shape ", g.sizes(), " on ", g.device());
+      p.global_tokens = g.const_data_ptr<bool>();
+      p.global_batch_stride = p.seqlen_q;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, bool varlen, AttentionParams& p) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse;
+  if (varlen) {
+    lse = at::empty({p.heads_q, q.size(0)}, q.options().dtype(at::kFloat));
+    p.out_row_stride = out.stride(0), p.out_head_stride = out.stride(1);
+    p.lse_head_stride = lse.stride(0);
+  } else {
+    lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, q.options().dtype(at::kFloat));
+    p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> describe_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 bool varlen, AttentionGradParams& p) {
+  const char* op = "flash_attention_backward";
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+                    ": dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+                   ": dout and out must have q's dtype ", q.scalar_type(), ", got ", dout.scalar_type(), " and ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
+                    ": dout, out and lse must be on q's device");
+  const std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{p.heads_q, q.size(0)}
+                                                : std::vector<int64_t>{p.batch, p.heads_q, p.seqlen_q};
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(lse_shape) &&
+                        lse.stride(-1) == 1,
+                    op, ": lse must be the forward's float32 ", at::IntArrayRef(lse_shape), ", got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  p.out = const_cast<void*>(out.const_data_ptr());
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());
+  p.dout = dout.const_data_ptr();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  if (varlen) {
+    p.out_row_stride = out.stride(0), p.out_head_stride = out.stride(1);
+    p.dout_row_stride = dout.stride(0), p.dout_head_stride = dout.stride(1);
+    p.lse_head_stride = lse.stride(0);
+    p.dq_row_stride = dq.stride(0), p.dq_head_stride = dq.stride(1);
+    p.dk_row_stride = dk.stride(0), p.dk_head_stride = dk.stride(1);
+    p.dv_row_stride = dv.stride(0), p.dv_head_stride = dv.stride(1);
+  } else {
+    p.out_batch_stride = out.stride(0), p.out_row_stride = out.stride(1), p.out_head_stride = out.stride(2);
+    p.dout_batch_stride = dout.stride(0), p.dout_row_stride = dout.stride(1), p.dout_head_stride = dout.stride(2);
+    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+    p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+    p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+    p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+  }
+  return {dq, dk, dv};
+}
+
+namespace {
+
+// Varlen rows past cu_seqlens[-1] belong to no sequence: give them 0 (lse -inf)
+// rather than leaving them uninitialised.
+void clear_unowned_rows(const at::Tensor& rows_first, const c10::optional<at::Tensor>& cu, int64_t dim,
+                        double fill = 0.0) {
+  if (!cu.has_value()) return;
+  const int64_t end = cu->to(at::kCPU)[-1].item<int32_t>();
+  const int64_t total = rows_first.size(dim);
+  if (end < total) rows_first.narrow(dim, end, total - end).fill_(fill);
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens) {
+  const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  AttentionParams p;
+  check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                     window_right, global_tokens, p);
+  const bool varlen = cu_seqlens_q.has_value();
+  auto [out, lse] = allocate_outputs(q, varlen, p);
+  if (q.is_cuda()) {
+#ifdef LLMKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    flash_forward_cuda(p, q.scalar_type());
+#else
+    TORCH_CHECK(false, "flash_attention: this llmkit build has no CUDA kernels");
+#endif
+  } else {
+    flash_forward_cpu(p, q.scalar_type());
+  }
+  clear_unowned_rows(out, cu_seqlens_q, 0);
+  clear_unowned_rows(lse, cu_seqlens_q, 1, -INFINITY);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens, bool deterministic) {
+  const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  const at::Tensor dout = last_dim_contiguous(dout_), out = last_dim_contiguous(out_);
+  AttentionGradParams p;
+  check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                     window_right, global_tokens, p);
+  p.deterministic = deterministic;
+  const bool varlen = cu_seqlens_q.has_value();
+  auto [dq, dk, dv] = describe_backward(dout, q, k, v, out, lse, varlen, p);
+  if (q.is_cuda()) {
+#ifdef LLMKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    flash_backward_cuda(p, q.scalar_type());
+#else
+    TORCH_CHECK(false, "flash_attention: this llmkit build has no CUDA kernels");
+#endif
+  } else {
+    flash_backward_cpu(p, q.scalar_type());
+  }
+  clear_unowned_rows(dq, cu_seqlens_q, 0);
+  clear_unowned_rows(dk, cu_seqlens_k, 0);
+  clear_unowned_rows(dv, cu_seqlens_k, 0);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmkit, CPU, m) {
+  m.impl("flash_attention_forward", &flash_attention_forward);
+  m.impl("flash_attention_backward", &flash_attention_backward);
+}
+
+#ifdef LLMKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(llmkit, CUDA, m) {
+  m.impl("flash_attention_forward", &flash_attention_forward);
+  m.impl("flash_attention_backward", &flash_attention_backward);
+}
+#endif
+
+}  // namespace llmkit::attention

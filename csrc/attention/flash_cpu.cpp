@@ -1,0 +1,554 @@
+// CPU flash attention: forward and backward, windows, global tokens, GQA,
+// varlen — fp32 / fp16 / bf16 inputs, all arithmetic in fp32.
+//
+// Blocked like flash-attn: a block of queries walks the key blocks it can see
+// (the window's key range, plus the global keys outside it), keeping a
+// running max / sum (online softmax) so no (seqlen_q, seqlen_k) matrix ever
+// exists. Key blocks with no visible pair are never touched, so a window
+// costs O(seqlen * window). The matrix products go to the BLAS sgemm that
+// torch ships (MKL on x86 wheels), found at load time through a weak symbol;
+// a plain loop stands in where there is none. fp16/bf16 rows are widened to
+// fp32 a block at a time.
+//
+// Threads: the forward parallelises over (sequence, query head, query block);
+// the backward over (sequence, kv head, split of the query blocks), each task
+// owning the dQ rows of its query blocks and private fp32 dK/dV accumulators
+// that are summed in a fixed order — no atomics, so it is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMKIT_X86 1
+#endif
+
+#include "attention/attention.h"
+#include "common/dispatch.h"
+
+// Fortran BLAS sgemm (LP64), exported by libtorch_cpu on builds with MKL or
+// OpenBLAS. Weak: null when absent, and the portable loop is used.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace llmkit::attention {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Query rows per block: the unit of work of the forward. Key rows per block:
+// larger amortises the online-softmax rescale, smaller wastes less at the
+// edges of a window.
+constexpr int64_t kBlockQ = 64;
+int64_t key_block(const AttentionParams& p) {
+  const bool windowed = p.window_left >= 0 && p.window_right >= 0;
+  return windowed ? 64 : 256;
+}
+
+// ------------------------------------------------------------------ GEMM ----
+
+// C (m x n, row-major, ldc) = alpha * op(A) @ op(B) + beta * C, op(A) m x k.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr && k > 0) {
+    // Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < k; ++t) {
+        const float av = trans_a ? a[t * lda + i] : a[i * lda + t];
+        const float bv = trans_b ? b[j * ldb + t] : b[t * ldb + j];
+        sum += av * bv;
+      }
+      c[i * ldc + j] = alpha * sum + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
+    }
+  }
+}
+
+// ------------------------------------------------------------ softmax ----
+// P[j] = exp(S[j] - shift) in place, returning the sum. exp underflows to 0
+// below -87.3, so masked scores (-inf) give exactly 0.
+
+float exp_shift_sum_scalar(float* s, int64_t n, float shift) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = std::exp(s[j] - shift);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+float row_max_scalar(const float* s, int64_t n) {
+  float m = kNegInf;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+#ifdef LLMKIT_X86
+#define LLMKIT_AVX2 __attribute__((target("avx2,fma")))
+#define LLMKIT_INLINE inline __attribute__((always_inline))
+
+// exp for 8 floats: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (split
+// in two for accuracy), p Cephes' degree-7 minimax polynomial; ~1 ulp.
+LLMKIT_AVX2 LLMKIT_INLINE __m256 exp8(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+LLMKIT_AVX2 float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LLMKIT_AVX2 float exp_shift_sum_avx2(float* s, int64_t n, float shift) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  if (j < n) {  // the tail through the same exp, for identical rounding
+    alignas(32) float tail[8];
+    for (int64_t t = 0; t < 8; ++t) tail[t] = j + t < n ? s[j + t] - shift : kNegInf;
+    _mm256_store_ps(tail, exp8(_mm256_load_ps(tail)));
+    for (int64_t t = 0; j + t < n; ++t) {
+      s[j + t] = tail[t];
+      sum += tail[t];
+    }
+  }
+  return sum;
+}
+
+LLMKIT_AVX2 float row_max_avx2(const float* s, int64_t n) {
+  __m256 m = _mm256_set1_ps(kNegInf);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = kNegInf;
+  for (float x : lanes) r = std::max(r, x);
+  for (; j < n; ++j) r = std::max(r, s[j]);
+  return r;
+}
+#endif
+
+struct Simd {
+  bool avx2 = false;
+  Simd() {
+#ifdef LLMKIT_X86
+    const char* force = std::getenv("LLMKIT_FORCE_SCALAR");
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(force && force[0] == '1');
+#endif
+  }
+  float exp_shift_sum(float* s, int64_t n, float shift) const {
+#ifdef LLMKIT_X86
+    if (avx2) return exp_shift_sum_avx2(s, n, shift);
+#endif
+    return exp_shift_sum_scalar(s, n, shift);
+  }
+  float row_max(const float* s, int64_t n) const {
+#ifdef LLMKIT_X86
+    if (avx2) return row_max_avx2(s, n);
+#endif
+    return row_max_scalar(s, n);
+  }
+};
+
+// ------------------------------------------------------- the problem ----
+
+struct Sequence {
+  int64_t b, start_q, len_q, start_k, len_k;
+};
+
+std::vector<Sequence> sequences(const AttentionParams& p) {
+  std::vector<Sequence> seqs(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.cu_seqlens_q != nullptr) {
+      seqs[b] = {b, p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], p.cu_seqlens_k[b],
+                 p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]};
+    } else {
+      seqs[b] = {b, 0, p.seqlen_q, 0, p.seqlen_k};
+    }
+  }
+  return seqs;
+}
+
+// Which keys the queries of one sequence see (the header's formula).
+struct Visibility {
+  int64_t len_q, len_k, left, right;
+  const bool* global = nullptr;  // this sequence's flags (queries == keys), or null
+  std::vector<int64_t> global_keys;
+
+  Visibility(const AttentionParams& p, const Sequence& s)
+      : len_q(s.len_q), len_k(s.len_k), left(p.window_left), right(p.window_right) {
+    if (p.global_tokens != nullptr) {
+      global = p.global_tokens + s.b * p.global_batch_stride + s.start_q;
+      for (int64_t j = 0; j < len_k; ++j)
+        if (global[j]) global_keys.push_back(j);
+    }
+  }
+  // Window of query i as [lo, hi) (may be empty).
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::clamp(i + len_k - len_q - left, int64_t(0), len_k); }
+  int64_t hi(int64_t i) const {
+    return right < 0 ? len_k : std::clamp(i + len_k - len_q + right + 1, int64_t(0), len_k);
+  }
+  bool any_global_query(int64_t i0, int64_t i1) const {
+    if (global == nullptr) return false;
+    for (int64_t i = i0; i < i1; ++i)
+      if (global[i]) return true;
+    return false;
+  }
+};
+
+// The keys a block of queries [i0, i1) visits: a contiguous range walked in
+// chunks, then the global keys outside it, gathered.
+struct KeyPlan {
+  int64_t lo = 0, hi = 0;
+  std::vector<int64_t> gathered;
+};
+
+KeyPlan plan_keys(const Visibility& vis, int64_t i0, int64_t i1) {
+  KeyPlan plan;
+  if (vis.any_global_query(i0, i1)) {  // a global query sees every key
+    plan.lo = 0, plan.hi = vis.len_k;
+    return plan;
+  }
+  plan.lo = vis.lo(i0);
+  plan.hi = std::max(plan.lo, vis.hi(i1 - 1));
+  for (int64_t j : vis.global_keys)
+    if (j < plan.lo || j >= plan.hi) plan.gathered.push_back(j);
+  return plan;
+}
+
+// Sets the scores of invisible pairs to -inf in a (rows x n) block of
+// queries [i0, ..) against keys [c0, c0 + n) (contiguous chunks only:
+// gathered keys are global, so visible to all).
+void mask_chunk(const Visibility& vis, int64_t i0, int64_t rows, int64_t c0, int64_t n, float* s, int64_t lds) {
+  const int64_t c1 = c0 + n;
+  if (vis.lo(i0 + rows - 1) <= c0 && vis.hi(i0) >= c1) return;  // every row sees the whole chunk
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    if (vis.global != nullptr && vis.global[i]) continue;
+    const int64_t lo = vis.lo(i), hi = vis.hi(i);
+    float* row = s + r * lds;
+    for (int64_t j = c0; j < c1; ++j) {
+      if ((j < lo || j >= hi) && !(vis.global != nullptr && vis.global[j])) row[j - c0] = kNegInf;
+    }
+  }
+}
+
+// ----------------------------------------------------- row loading ----
+
+// A (rows x D) fp32 view of rows of a strided tensor: the rows themselves
+// for contiguous-enough fp32, else a widened copy in `buf` (ld = D).
+template <typename scalar_t>
+const float* load_rows(const scalar_t* base, int64_t row_stride, int64_t first, int64_t rows, int64_t d, float* buf,
+                       int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (row_stride >= d) {
+      ld = row_stride;
+      return base + first * row_stride;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + (first + r) * row_stride;
+    for (int64_t t = 0; t < d; ++t) buf[r * d + t] = static_cast<float>(src[t]);
+  }
+  ld = d;
+  return buf;
+}
+
+template <typename scalar_t>
+const float* gather_rows(const scalar_t* base, int64_t row_stride, const int64_t* idx, int64_t rows, int64_t d,
+                         float* buf) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + idx[r] * row_stride;
+    for (int64_t t = 0; t < d; ++t) buf[r * d + t] = static_cast<float>(src[t]);
+  }
+  return buf;
+}
+
+template <typename scalar_t>
+void store_row(const float* src, float scale, int64_t d, scalar_t* dst) {
+  for (int64_t t = 0; t < d; ++t) dst[t] = static_cast<scalar_t>(src[t] * scale);
+}
+
+// Walk the key chunks of a plan: fn(c0, n, gathered_indices_or_null).
+template <typename Fn>
+void for_each_chunk(const KeyPlan& plan, int64_t block_k, Fn&& fn) {
+  for (int64_t c0 = plan.lo; c0 < plan.hi; c0 += block_k) fn(c0, std::min(block_k, plan.hi - c0), nullptr);
+  const int64_t ng = static_cast<int64_t>(plan.gathered.size());
+  for (int64_t g0 = 0; g0 < ng; g0 += block_k) fn(int64_t(-1), std::min(block_k, ng - g0), plan.gathered.data() + g0);
+}
+
+// Causal blocks cost more the later they come; a thread's contiguous range
+// of tasks alternates cheap and dear blocks to keep the threads even.
+int64_t interleaved(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 - t / 2; }
+
+// ------------------------------------------------------------ forward ----
+
+template <typename scalar_t>
+void forward_impl(const AttentionParams& p) {
+  const Simd simd;
+  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv, block_k = key_block(p);
+  const auto seqs = sequences(p);
+  struct Task {
+    int64_t seq, head, block, nblocks;
+  };
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < p.batch; ++s) {
+    const int64_t nblocks = (seqs[s].len_q + kBlockQ - 1) / kBlockQ;
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      for (int64_t t = 0; t < nblocks; ++t) tasks.push_back({s, h, t, nblocks});
+  }
+  std::vector<std::unique_ptr<Visibility>> vis(p.batch);
+  for (int64_t s = 0; s < p.batch; ++s) vis[s] = std::make_unique<Visibility>(p, seqs[s]);
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(kBlockQ * block_k), acc(kBlockQ * d), q_buf(kBlockQ * d), k_buf(block_k * d),
+        v_buf(block_k * d), m(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const Sequence& seq = seqs[task.seq];
+      const Visibility& sv = *vis[task.seq];
+      const int64_t block = interleaved(task.block, task.nblocks);
+      const int64_t i0 = block * kBlockQ, rows = std::min(kBlockQ, seq.len_q - i0);
+      const int64_t h = task.head, hk = h / group;
+      const scalar_t* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
+      const scalar_t* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
+      const scalar_t* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
+      int64_t ldq;
+      const float* qf = load_rows(q_head, p.q_row_stride, i0, rows, d, q_buf.data(), ldq);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+
+      const KeyPlan plan = plan_keys(sv, i0, i0 + rows);
+      for_each_chunk(plan, block_k, [&](int64_t c0, int64_t n, const int64_t* idx) {
+        int64_t ldk = d, ldv = d;
+        const float* kf = idx ? gather_rows(k_head, p.k_row_stride, idx, n, d, k_buf.data())
+                              : load_rows(k_head, p.k_row_stride, c0, n, d, k_buf.data(), ldk);
+        const float* vf = idx ? gather_rows(v_head, p.v_row_stride, idx, n, d, v_buf.data())
+                              : load_rows(v_head, p.v_row_stride, c0, n, d, v_buf.data(), ldv);
+        float* s = s_buf.data();
+        gemm(false, true, rows, n, d, p.scale, qf, ldq, kf, ldk, 0.f, s, n);
+        if (!idx) mask_chunk(sv, i0, rows, c0, n, s, n);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = s + r * n;
+          const float m_new = std::max(m[r], simd.row_max(row, n));
+          if (m_new == kNegInf) {  // nothing visible yet: contributes nothing
+            std::fill(row, row + n, 0.f);
+            continue;
+          }
+          const float alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
+          l[r] = l[r] * alpha + simd.exp_shift_sum(row, n, m_new);
+          m[r] = m_new;
+          if (alpha != 1.f) {
+            float* a = acc.data() + r * d;
+            for (int64_t t2 = 0; t2 < d; ++t2) a[t2] *= alpha;
+          }
+        }
+        gemm(false, false, rows, d, n, 1.f, s, n, vf, ldv, 1.f, acc.data(), d);
+      });
+
+      scalar_t* out_rows = out + seq.b * p.out_batch_stride + (seq.start_q + i0) * p.out_row_stride +
+                           h * p.out_head_stride;
+      float* lse = p.lse + seq.b * p.lse_batch_stride + h * p.lse_head_stride + seq.start_q + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = l[r] == 0.f;
+        store_row(acc.data() + r * d, empty ? 0.f : 1.f / l[r], d, out_rows + r * p.out_row_stride);
+        lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------- backward ----
+
+template <typename scalar_t>
+void backward_impl(const AttentionGradParams& p) {
+  const Simd simd;
+  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv, block_k = key_block(p);
+  const auto seqs = sequences(p);
+  std::vector<std::unique_ptr<Visibility>> vis(p.batch);
+  for (int64_t s = 0; s < p.batch; ++s) vis[s] = std::make_unique<Visibility>(p, seqs[s]);
+
+  // Split each (sequence, kv head) over enough tasks to feed every thread;
+  // split `part` takes the query blocks part, part + splits, ... (even under causal).
+  const int64_t units = p.batch * p.heads_kv;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = units == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>(2 * threads / units + (2 * threads % units != 0), 8));
+
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* o = static_cast<const scalar_t*>(p.out);
+  const auto* dout = static_cast<const scalar_t*>(p.dout);
+  auto* dq = static_cast<scalar_t*>(p.dq);
+  auto* dk = static_cast<scalar_t*>(p.dk);
+  auto* dv = static_cast<scalar_t*>(p.dv);
+
+  // fp32 dK / dV accumulators per task: [unit][split] -> (len_k x d) each.
+  std::vector<std::vector<float>> dk_acc(units * splits), dv_acc(units * splits);
+
+  at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(kBlockQ * block_k), dp_buf(kBlockQ * block_k), dq_acc(kBlockQ * d),
+        q_buf(kBlockQ * d), do_buf(kBlockQ * d), o_buf(kBlockQ * d), k_buf(block_k * d), v_buf(block_k * d),
+        grad_buf(block_k * d), delta(kBlockQ), lse_row(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t unit = task / splits, part = task % splits;
+      const int64_t sidx = unit / p.heads_kv, hk = unit % p.heads_kv;
+      const Sequence& seq = seqs[sidx];
+      const Visibility& sv = *vis[sidx];
+      std::vector<float>& dk_f = dk_acc[task];
+      std::vector<float>& dv_f = dv_acc[task];
+      dk_f.assign(seq.len_k * d, 0.f);
+      dv_f.assign(seq.len_k * d, 0.f);
+      const scalar_t* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
+      const scalar_t* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
+      const int64_t nblocks = (seq.len_q + kBlockQ - 1) / kBlockQ;
+
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const scalar_t* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
+        const scalar_t* o_head =
+            o + seq.b * p.out_batch_stride + seq.start_q * p.out_row_stride + h * p.out_head_stride;
+        const scalar_t* do_head =
+            dout + seq.b * p.dout_batch_stride + seq.start_q * p.dout_row_stride + h * p.dout_head_stride;
+        scalar_t* dq_head = dq + seq.b * p.dq_batch_stride + seq.start_q * p.dq_row_stride + h * p.dq_head_stride;
+        const float* lse_head = p.lse + seq.b * p.lse_batch_stride + h * p.lse_head_stride + seq.start_q;
+
+        for (int64_t blk = part; blk < nblocks; blk += splits) {
+          const int64_t i0 = blk * kBlockQ, rows = std::min(kBlockQ, seq.len_q - i0);
+          int64_t ldq, ldo, lddo;
+          const float* qf = load_rows(q_head, p.q_row_stride, i0, rows, d, q_buf.data(), ldq);
+          const float* of = load_rows(o_head, p.out_row_stride, i0, rows, d, o_buf.data(), ldo);
+          const float* dof = load_rows(do_head, p.dout_row_stride, i0, rows, d, do_buf.data(), lddo);
+          for (int64_t r = 0; r < rows; ++r) {  // D_i = dO_i . O_i
+            float sum = 0.f;
+            for (int64_t t = 0; t < d; ++t) sum += dof[r * lddo + t] * of[r * ldo + t];
+            delta[r] = sum;
+            lse_row[r] = lse_head[i0 + r];
+          }
+          std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+
+          const KeyPlan plan = plan_keys(sv, i0, i0 + rows);
+          for_each_chunk(plan, block_k, [&](int64_t c0, int64_t n, const int64_t* idx) {
+            int64_t ldk = d, ldv = d;
+            const float* kf = idx ? gather_rows(k_head, p.k_row_stride, idx, n, d, k_buf.data())
+                                  : load_rows(k_head, p.k_row_stride, c0, n, d, k_buf.data(), ldk);
+            const float* vf = idx ? gather_rows(v_head, p.v_row_stride, idx, n, d, v_buf.data())
+                                  : load_rows(v_head, p.v_row_stride, c0, n, d, v_buf.data(), ldv);
+            float* s = s_buf.data();
+            float* dp = dp_buf.data();
+            // P = exp(scale * Q K^T - lse), 0 where invisible or the row has no key.
+            gemm(false, true, rows, n, d, p.scale, qf, ldq, kf, ldk, 0.f, s, n);
+            if (!idx) mask_chunk(sv, i0, rows, c0, n, s, n);
+            for (int64_t r = 0; r < rows; ++r) {
+              float* row = s + r * n;
+              if (lse_row[r] == kNegInf) std::fill(row, row + n, 0.f);
+              else simd.exp_shift_sum(row, n, lse_row[r]);
+            }
+            // dV += P^T dO (gathered keys: into a scratch block, added below)
+            float* dv_dst = idx ? grad_buf.data() : dv_f.data() + c0 * d;
+            gemm(true, false, n, d, rows, 1.f, s, n, dof, lddo, idx ? 0.f : 1.f, dv_dst, d);
+            if (idx)
+              for (int64_t r = 0; r < n; ++r)
+                for (int64_t t = 0; t < d; ++t) dv_f[idx[r] * d + t] += grad_buf[r * d + t];
+            // dS = P * (dO V^T - D)
+            gemm(false, true, rows, n, d, 1.f, dof, lddo, vf, ldv, 0.f, dp, n);
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* prow = s + r * n;
+              float* dsrow = dp + r * n;
+              for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
+            }
+            // dQ += scale * dS K ; dK += scale * dS^T Q
+            gemm(false, false, rows, d, n, p.scale, dp, n, kf, ldk, 1.f, dq_acc.data(), d);
+            float* dk_dst = idx ? grad_buf.data() : dk_f.data() + c0 * d;
+            gemm(true, false, n, d, rows, p.scale, dp, n, qf, ldq, idx ? 0.f : 1.f, dk_dst, d);
+            if (idx)
+              for (int64_t r = 0; r < n; ++r)
+                for (int64_t t = 0; t < d; ++t) dk_f[idx[r] * d + t] += grad_buf[r * d + t];
+          });
+          for (int64_t r = 0; r < rows; ++r)
+            store_row(dq_acc.data() + r * d, 1.f, d, dq_head + (i0 + r) * p.dq_row_stride);
+        }
+      }
+    }
+  });
+
+  // Sum the splits in order and store dK / dV (keys no query sees get 0).
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t sidx = unit / p.heads_kv, hk = unit % p.heads_kv;
+      const Sequence& seq = seqs[sidx];
+      std::vector<float>& dk_sum = dk_acc[unit * splits];
+      std::vector<float>& dv_sum = dv_acc[unit * splits];
+      for (int64_t part = 1; part < splits; ++part) {
+        const std::vector<float>& dk_part = dk_acc[unit * splits + part];
+        const std::vector<float>& dv_part = dv_acc[unit * splits + part];
+        for (size_t e = 0; e < dk_sum.size(); ++e) dk_sum[e] += dk_part[e];
+        for (size_t e = 0; e < dv_sum.size(); ++e) dv_sum[e] += dv_part[e];
+      }
+      scalar_t* dk_head = dk + seq.b * p.dk_batch_stride + seq.start_k * p.dk_row_stride + hk * p.dk_head_stride;
+      scalar_t* dv_head = dv + seq.b * p.dv_batch_stride + seq.start_k * p.dv_row_stride + hk * p.dv_head_stride;
+      for (int64_t j = 0; j < seq.len_k; ++j) {
+        store_row(dk_sum.data() + j * d, 1.f, d, dk_head + j * p.dk_row_stride);
+        store_row(dv_sum.data() + j * d, 1.f, d, dv_head + j * p.dv_row_stride);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void flash_forward_cpu(const AttentionParams& params, at::ScalarType dtype) {
+  LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_attention_forward", [&] { forward_impl<scalar_t>(params); });
+}
+
+void flash_backward_cpu(const AttentionGradParams& params, at::ScalarType dtype) {
+  LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_attention_backward", [&] { backward_impl<scalar_t>(params); });
+}
+
+}  // namespace llmkit::attention

@@ -1,0 +1,179 @@
+"""Flash attention with sliding windows and Longformer global tokens.
+
+Wrappers of ``torch.ops.llmkit.flash_attention_forward`` / ``_backward``
+(kernels in csrc/attention/), their autograd formula and fake kernels. The
+API follows flash-attn 2 (``flash_attn_func`` / ``flash_attn_varlen_func``):
+layout (batch, seqlen, heads, head_dim), GQA/MQA when the query heads divide
+by the key/value heads, causal masks bottom-right aligned, ``window=(left,
+right)`` with -1 unbounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = "multiples of 8 up to 256"
+
+
+def _check_device(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "cuda" and not _C.built_with_cuda():
+        raise RuntimeError(
+            f"{name} is a CUDA tensor but this llmkit build has no CUDA kernels "
+            "(llmkit.build_info()['cuda'] is False); rebuild with nvcc on PATH or CUDA_HOME set, "
+            "or move the tensor to the CPU"
+        )
+
+
+def _window(causal: bool, window) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window sizes must be >= -1 (-1 = unbounded), got {window!r}")
+    if causal:
+        right = 0  # flash-attn: causal == window (left, 0)
+    return left, right
+
+
+def _scale(q: torch.Tensor, softmax_scale) -> float:
+    if softmax_scale is None:
+        return q.shape[-1] ** -0.5
+    scale = float(softmax_scale)
+    if not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+    return scale
+
+
+def _check_global(global_tokens, causal: bool):
+    if global_tokens is None:
+        return None
+    _check_device("global_tokens", global_tokens)
+    if causal:
+        raise ValueError(
+            "global_tokens with causal=True is not supported: Longformer global attention is "
+            "symmetric (a global token sees every token, future ones included)"
+        )
+    return global_tokens
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    window: tuple[int, int] = (-1, -1), softmax_scale: float | None = None,
+                    global_tokens: torch.Tensor | None = None, return_lse: bool = False,
+                    deterministic: bool = False):
+    """Exact attention, computed blockwise without the (seqlen_q, seqlen_k) matrix.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim), float32 / float16 / bfloat16.
+        k, v: (batch, seqlen_k, heads_kv, head_dim); heads_q divisible by
+            heads_kv (GQA / MQA). head_dim a multiple of 8, at most 256.
+        causal: mask keys after the query, aligned to the bottom-right corner
+            when seqlen_q != seqlen_k (flash-attn >= 2.1).
+        window: (left, right): query i sees keys
+            ``[i + sk - sq - left, i + sk - sq + right]``; -1 = unbounded.
+            Time and memory are O(seqlen * window).
+        softmax_scale: defaults to head_dim ** -0.5.
+        global_tokens: bool (batch, seqlen): Longformer global attention
+            (needs seqlen_q == seqlen_k; not with causal).
+        return_lse: also return the logsumexp of the scaled scores,
+            float32 (batch, heads_q, seqlen_q); -inf for a query with no key.
+        deterministic: accepted for flash-attn compatibility; every llmkit
+            backward is deterministic (no atomics).
+
+    Returns:
+        out (like q), or ``(out, lse)``. A query with no visible key gets 0.
+        Differentiable in q, k and v (backward recomputes from lse).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_device(name, t)
+    left, right = _window(causal, window)
+    scale = _scale(q, softmax_scale)
+    global_tokens = _check_global(global_tokens, causal)
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(q.shape)}"
+                         " (for packed sequences use flash_attention_varlen)")
+    out, lse = torch.ops.llmkit.flash_attention_forward(
+        q, k, v, None, None, q.shape[1], k.shape[1] if k.dim() == 4 else 0,
+        scale, left, right, global_tokens)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                           window: tuple[int, int] = (-1, -1), softmax_scale: float | None = None,
+                           global_tokens: torch.Tensor | None = None, return_lse: bool = False,
+                           deterministic: bool = False):
+    """Attention over packed variable-length sequences (flash_attn_varlen_func).
+
+    q (total_q, heads_q, head_dim) and k/v (total_k, heads_kv, head_dim) hold
+    the sequences back to back; sequence b is rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q (int32, batch + 1 offsets
+    starting at 0; empty sequences allowed). ``max_seqlen_*`` must be at least
+    the longest sequence. ``global_tokens`` is bool (total_q,) and needs
+    cu_seqlens_q == cu_seqlens_k. lse is (heads_q, total_q). Everything else
+    as :func:`flash_attention`.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
+                    ("cu_seqlens_k", cu_seqlens_k)):
+        _check_device(name, t)
+    left, right = _window(causal, window)
+    scale = _scale(q, softmax_scale)
+    global_tokens = _check_global(global_tokens, causal)
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D (total_q, heads, head_dim) for varlen, got shape {tuple(q.shape)}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    out, lse = torch.ops.llmkit.flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale, left, right, global_tokens)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------- autograd ----
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, global_tokens)
+    ctx.args = (max_q, max_k, scale, left, right)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, global_tokens = ctx.saved_tensors
+    max_q, max_k, scale, left, right = ctx.args
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.llmkit.flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
+        global_tokens, True)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("llmkit::flash_attention_forward", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------- fake kernels ----
+
+@torch.library.register_fake("llmkit::flash_attention_forward")
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens):
+    out = q.new_empty(q.shape).contiguous()
+    if q.dim() == 4:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("llmkit::flash_attention_backward")
+def _backward_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
+                   global_tokens, deterministic):
+    return (q.new_empty(q.shape).contiguous(), k.new_empty(k.shape).contiguous(),
+            v.new_empty(v.shape).contiguous())
