@@ -23,6 +23,10 @@ bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf 
 // The kernels index rows and heads by stride but read head_dim contiguously.
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// fp16/bf16 -> fp32 once, for the CPU kernel (one linear pass; every block
+// product then reads its operands in place).
+at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
 // Host copy of int32 offsets, validated: starts at 0, never decreases, ends
 // within `rows`, and no sequence is longer than `max_seqlen`.
 std::vector<int32_t> checked_offsets(const at::Tensor& cu, const char* name, int64_t rows, int64_t max_seqlen) {
@@ -223,21 +227,28 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
     int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens) {
-  const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   AttentionParams p;
   check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                      window_right, global_tokens, p);
   const bool varlen = cu_seqlens_q.has_value();
+  const at::ScalarType dtype = q.scalar_type();
+  if (!q.is_cuda() && dtype != at::kFloat) {  // the CPU kernel computes in fp32
+    q = widened(q), k = widened(k), v = widened(v);
+    check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                       window_right, global_tokens, p);
+  }
   auto [out, lse] = allocate_outputs(q, varlen, p);
   if (q.is_cuda()) {
 #ifdef LLMKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    flash_forward_cuda(p, q.scalar_type());
+    flash_forward_cuda(p, dtype);
 #else
     TORCH_CHECK(false, "flash_attention: this llmkit build has no CUDA kernels");
 #endif
   } else {
-    flash_forward_cpu(p, q.scalar_type());
+    flash_forward_cpu(p, at::kFloat);
+    out = out.to(dtype);
   }
   clear_unowned_rows(out, cu_seqlens_q, 0);
   clear_unowned_rows(lse, cu_seqlens_q, 1, -INFINITY);
@@ -249,23 +260,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
     int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens, bool deterministic) {
-  const at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
-  const at::Tensor dout = last_dim_contiguous(dout_), out = last_dim_contiguous(out_);
+  at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
+  at::Tensor dout = last_dim_contiguous(dout_), out = last_dim_contiguous(out_);
   AttentionGradParams p;
   check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                      window_right, global_tokens, p);
   p.deterministic = deterministic;
   const bool varlen = cu_seqlens_q.has_value();
+  const at::ScalarType dtype = q.scalar_type();
+  if (!q.is_cuda() && dtype != at::kFloat) {
+    describe_backward(dout, q, k, v, out, lse, varlen, p);  // validates before widening
+    q = widened(q), k = widened(k), v = widened(v), dout = widened(dout), out = widened(out);
+    check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                       window_right, global_tokens, p);
+  }
   auto [dq, dk, dv] = describe_backward(dout, q, k, v, out, lse, varlen, p);
   if (q.is_cuda()) {
 #ifdef LLMKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    flash_backward_cuda(p, q.scalar_type());
+    flash_backward_cuda(p, dtype);
 #else
     TORCH_CHECK(false, "flash_attention: this llmkit build has no CUDA kernels");
 #endif
   } else {
-    flash_backward_cpu(p, q.scalar_type());
+    flash_backward_cpu(p, at::kFloat);
+    dq = dq.to(dtype), dk = dk.to(dtype), dv = dv.to(dtype);
   }
   clear_unowned_rows(dq, cu_seqlens_q, 0);
   clear_unowned_rows(dk, cu_seqlens_k, 0);

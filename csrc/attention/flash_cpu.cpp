@@ -7,8 +7,9 @@
 // exists. Key blocks with no visible pair are never touched, so a window
 // costs O(seqlen * window). The matrix products go to the BLAS sgemm that
 // torch ships (MKL on x86 wheels), found at load time through a weak symbol;
-// a plain loop stands in where there is none. fp16/bf16 rows are widened to
-// fp32 a block at a time.
+// a plain loop stands in where there is none. The kernels take fp32 only:
+// the op widens fp16/bf16 inputs to fp32 once (linear cost, and sgemm then
+// reads every operand in place) and rounds the results once at the end.
 //
 // Threads: the forward parallelises over (sequence, query head, query block);
 // the backward over (sequence, kv head, split of the query blocks), each task
@@ -16,11 +17,10 @@
 // that are summed in a fixed order — no atomics, so it is deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -33,7 +33,6 @@
 #endif
 
 #include "attention/attention.h"
-#include "common/dispatch.h"
 
 // Fortran BLAS sgemm (LP64), exported by libtorch_cpu on builds with MKL or
 // OpenBLAS. Weak: null when absent, and the portable loop is used.
@@ -46,13 +45,21 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Query rows per block: the unit of work of the forward. Key rows per block:
-// larger amortises the online-softmax rescale, smaller wastes less at the
-// edges of a window.
-constexpr int64_t kBlockQ = 64;
-int64_t key_block(const AttentionParams& p) {
+// Query rows per block (the forward's unit of work) and key rows per chunk.
+// Larger blocks feed sgemm better and amortise the online-softmax rescale;
+// smaller ones waste less at the edges of a window and make more tasks.
+// LLMKIT_ATTN_BLOCKS="q,k" overrides (for tuning).
+struct Blocks {
+  int64_t q, k;
+};
+Blocks choose_blocks(const AttentionParams& p) {
   const bool windowed = p.window_left >= 0 && p.window_right >= 0;
-  return windowed ? 64 : 256;
+  Blocks blocks{64, windowed ? 64 : 256};
+  if (const char* env = std::getenv("LLMKIT_ATTN_BLOCKS")) {
+    long bq = 0, bk = 0;
+    if (std::sscanf(env, "%ld,%ld", &bq, &bk) == 2 && bq > 0 && bk > 0) blocks = {bq, bk};
+  }
+  return blocks;
 }
 
 // ------------------------------------------------------------------ GEMM ----
@@ -278,36 +285,25 @@ void mask_chunk(const Visibility& vis, int64_t i0, int64_t rows, int64_t c0, int
 
 // A (rows x D) fp32 view of rows of a strided tensor: the rows themselves
 // for contiguous-enough fp32, else a widened copy in `buf` (ld = D).
-template <typename scalar_t>
-const float* load_rows(const scalar_t* base, int64_t row_stride, int64_t first, int64_t rows, int64_t d, float* buf,
+const float* load_rows(const float* base, int64_t row_stride, int64_t first, int64_t rows, int64_t d, float* buf,
                        int64_t& ld) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (row_stride >= d) {
-      ld = row_stride;
-      return base + first * row_stride;
-    }
+  if (row_stride >= d) {
+    ld = row_stride;
+    return base + first * row_stride;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* src = base + (first + r) * row_stride;
-    for (int64_t t = 0; t < d; ++t) buf[r * d + t] = static_cast<float>(src[t]);
-  }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * d, base + (first + r) * row_stride, d * sizeof(float));
   ld = d;
   return buf;
 }
 
-template <typename scalar_t>
-const float* gather_rows(const scalar_t* base, int64_t row_stride, const int64_t* idx, int64_t rows, int64_t d,
+const float* gather_rows(const float* base, int64_t row_stride, const int64_t* idx, int64_t rows, int64_t d,
                          float* buf) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* src = base + idx[r] * row_stride;
-    for (int64_t t = 0; t < d; ++t) buf[r * d + t] = static_cast<float>(src[t]);
-  }
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf + r * d, base + idx[r] * row_stride, d * sizeof(float));
   return buf;
 }
 
-template <typename scalar_t>
-void store_row(const float* src, float scale, int64_t d, scalar_t* dst) {
-  for (int64_t t = 0; t < d; ++t) dst[t] = static_cast<scalar_t>(src[t] * scale);
+void store_row(const float* src, float scale, int64_t d, float* dst) {
+  for (int64_t t = 0; t < d; ++t) dst[t] = src[t] * scale;
 }
 
 // Walk the key chunks of a plan: fn(c0, n, gathered_indices_or_null).
@@ -324,41 +320,41 @@ int64_t interleaved(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 
 
 // ------------------------------------------------------------ forward ----
 
-template <typename scalar_t>
 void forward_impl(const AttentionParams& p) {
   const Simd simd;
-  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv, block_k = key_block(p);
+  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv;
+  const auto [block_q, block_k] = choose_blocks(p);
   const auto seqs = sequences(p);
   struct Task {
     int64_t seq, head, block, nblocks;
   };
   std::vector<Task> tasks;
   for (int64_t s = 0; s < p.batch; ++s) {
-    const int64_t nblocks = (seqs[s].len_q + kBlockQ - 1) / kBlockQ;
+    const int64_t nblocks = (seqs[s].len_q + block_q - 1) / block_q;
     for (int64_t h = 0; h < p.heads_q; ++h)
       for (int64_t t = 0; t < nblocks; ++t) tasks.push_back({s, h, t, nblocks});
   }
   std::vector<std::unique_ptr<Visibility>> vis(p.batch);
   for (int64_t s = 0; s < p.batch; ++s) vis[s] = std::make_unique<Visibility>(p, seqs[s]);
 
-  const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  auto* out = static_cast<scalar_t*>(p.out);
+  const auto* q = static_cast<const float*>(p.q);
+  const auto* k = static_cast<const float*>(p.k);
+  const auto* v = static_cast<const float*>(p.v);
+  auto* out = static_cast<float*>(p.out);
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(kBlockQ * block_k), acc(kBlockQ * d), q_buf(kBlockQ * d), k_buf(block_k * d),
-        v_buf(block_k * d), m(kBlockQ), l(kBlockQ);
+    std::vector<float> s_buf(block_q * block_k), acc(block_q * d), q_buf(block_q * d), k_buf(block_k * d),
+        v_buf(block_k * d), m(block_q), l(block_q);
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       const Sequence& seq = seqs[task.seq];
       const Visibility& sv = *vis[task.seq];
       const int64_t block = interleaved(task.block, task.nblocks);
-      const int64_t i0 = block * kBlockQ, rows = std::min(kBlockQ, seq.len_q - i0);
+      const int64_t i0 = block * block_q, rows = std::min(block_q, seq.len_q - i0);
       const int64_t h = task.head, hk = h / group;
-      const scalar_t* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
-      const scalar_t* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
-      const scalar_t* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
+      const float* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
+      const float* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
+      const float* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
       int64_t ldq;
       const float* qf = load_rows(q_head, p.q_row_stride, i0, rows, d, q_buf.data(), ldq);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -393,7 +389,7 @@ void forward_impl(const AttentionParams& p) {
         gemm(false, false, rows, d, n, 1.f, s, n, vf, ldv, 1.f, acc.data(), d);
       });
 
-      scalar_t* out_rows = out + seq.b * p.out_batch_stride + (seq.start_q + i0) * p.out_row_stride +
+      float* out_rows = out + seq.b * p.out_batch_stride + (seq.start_q + i0) * p.out_row_stride +
                            h * p.out_head_stride;
       float* lse = p.lse + seq.b * p.lse_batch_stride + h * p.lse_head_stride + seq.start_q + i0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -407,10 +403,10 @@ void forward_impl(const AttentionParams& p) {
 
 // ----------------------------------------------------------- backward ----
 
-template <typename scalar_t>
 void backward_impl(const AttentionGradParams& p) {
   const Simd simd;
-  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv, block_k = key_block(p);
+  const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv;
+  const auto [block_q, block_k] = choose_blocks(p);
   const auto seqs = sequences(p);
   std::vector<std::unique_ptr<Visibility>> vis(p.batch);
   for (int64_t s = 0; s < p.batch; ++s) vis[s] = std::make_unique<Visibility>(p, seqs[s]);
@@ -421,22 +417,22 @@ void backward_impl(const AttentionGradParams& p) {
   const int64_t threads = at::get_num_threads();
   const int64_t splits = units == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>(2 * threads / units + (2 * threads % units != 0), 8));
 
-  const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* o = static_cast<const scalar_t*>(p.out);
-  const auto* dout = static_cast<const scalar_t*>(p.dout);
-  auto* dq = static_cast<scalar_t*>(p.dq);
-  auto* dk = static_cast<scalar_t*>(p.dk);
-  auto* dv = static_cast<scalar_t*>(p.dv);
+  const auto* q = static_cast<const float*>(p.q);
+  const auto* k = static_cast<const float*>(p.k);
+  const auto* v = static_cast<const float*>(p.v);
+  const auto* o = static_cast<const float*>(p.out);
+  const auto* dout = static_cast<const float*>(p.dout);
+  auto* dq = static_cast<float*>(p.dq);
+  auto* dk = static_cast<float*>(p.dk);
+  auto* dv = static_cast<float*>(p.dv);
 
   // fp32 dK / dV accumulators per task: [unit][split] -> (len_k x d) each.
   std::vector<std::vector<float>> dk_acc(units * splits), dv_acc(units * splits);
 
   at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(kBlockQ * block_k), dp_buf(kBlockQ * block_k), dq_acc(kBlockQ * d),
-        q_buf(kBlockQ * d), do_buf(kBlockQ * d), o_buf(kBlockQ * d), k_buf(block_k * d), v_buf(block_k * d),
-        grad_buf(block_k * d), delta(kBlockQ), lse_row(kBlockQ);
+    std::vector<float> s_buf(block_q * block_k), dp_buf(block_q * block_k), dq_acc(block_q * d),
+        q_buf(block_q * d), do_buf(block_q * d), o_buf(block_q * d), k_buf(block_k * d), v_buf(block_k * d),
+        grad_buf(block_k * d), delta(block_q), lse_row(block_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t unit = task / splits, part = task % splits;
       const int64_t sidx = unit / p.heads_kv, hk = unit % p.heads_kv;
@@ -446,21 +442,21 @@ void backward_impl(const AttentionGradParams& p) {
       std::vector<float>& dv_f = dv_acc[task];
       dk_f.assign(seq.len_k * d, 0.f);
       dv_f.assign(seq.len_k * d, 0.f);
-      const scalar_t* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
-      const scalar_t* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
-      const int64_t nblocks = (seq.len_q + kBlockQ - 1) / kBlockQ;
+      const float* k_head = k + seq.b * p.k_batch_stride + seq.start_k * p.k_row_stride + hk * p.k_head_stride;
+      const float* v_head = v + seq.b * p.v_batch_stride + seq.start_k * p.v_row_stride + hk * p.v_head_stride;
+      const int64_t nblocks = (seq.len_q + block_q - 1) / block_q;
 
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const scalar_t* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
-        const scalar_t* o_head =
+        const float* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
+        const float* o_head =
             o + seq.b * p.out_batch_stride + seq.start_q * p.out_row_stride + h * p.out_head_stride;
-        const scalar_t* do_head =
+        const float* do_head =
             dout + seq.b * p.dout_batch_stride + seq.start_q * p.dout_row_stride + h * p.dout_head_stride;
-        scalar_t* dq_head = dq + seq.b * p.dq_batch_stride + seq.start_q * p.dq_row_stride + h * p.dq_head_stride;
+        float* dq_head = dq + seq.b * p.dq_batch_stride + seq.start_q * p.dq_row_stride + h * p.dq_head_stride;
         const float* lse_head = p.lse + seq.b * p.lse_batch_stride + h * p.lse_head_stride + seq.start_q;
 
         for (int64_t blk = part; blk < nblocks; blk += splits) {
-          const int64_t i0 = blk * kBlockQ, rows = std::min(kBlockQ, seq.len_q - i0);
+          const int64_t i0 = blk * block_q, rows = std::min(block_q, seq.len_q - i0);
           int64_t ldq, ldo, lddo;
           const float* qf = load_rows(q_head, p.q_row_stride, i0, rows, d, q_buf.data(), ldq);
           const float* of = load_rows(o_head, p.out_row_stride, i0, rows, d, o_buf.data(), ldo);
@@ -531,8 +527,8 @@ void backward_impl(const AttentionGradParams& p) {
         for (size_t e = 0; e < dk_sum.size(); ++e) dk_sum[e] += dk_part[e];
         for (size_t e = 0; e < dv_sum.size(); ++e) dv_sum[e] += dv_part[e];
       }
-      scalar_t* dk_head = dk + seq.b * p.dk_batch_stride + seq.start_k * p.dk_row_stride + hk * p.dk_head_stride;
-      scalar_t* dv_head = dv + seq.b * p.dv_batch_stride + seq.start_k * p.dv_row_stride + hk * p.dv_head_stride;
+      float* dk_head = dk + seq.b * p.dk_batch_stride + seq.start_k * p.dk_row_stride + hk * p.dk_head_stride;
+      float* dv_head = dv + seq.b * p.dv_batch_stride + seq.start_k * p.dv_row_stride + hk * p.dv_head_stride;
       for (int64_t j = 0; j < seq.len_k; ++j) {
         store_row(dk_sum.data() + j * d, 1.f, d, dk_head + j * p.dk_row_stride);
         store_row(dv_sum.data() + j * d, 1.f, d, dv_head + j * p.dv_row_stride);
@@ -544,11 +540,13 @@ void backward_impl(const AttentionGradParams& p) {
 }  // namespace
 
 void flash_forward_cpu(const AttentionParams& params, at::ScalarType dtype) {
-  LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_attention_forward", [&] { forward_impl<scalar_t>(params); });
+  TORCH_CHECK(dtype == at::kFloat, "flash_forward_cpu takes float32 (the op widens fp16/bf16), got ", dtype);
+  forward_impl(params);
 }
 
 void flash_backward_cpu(const AttentionGradParams& params, at::ScalarType dtype) {
-  LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_attention_backward", [&] { backward_impl<scalar_t>(params); });
+  TORCH_CHECK(dtype == at::kFloat, "flash_backward_cpu takes float32 (the op widens fp16/bf16), got ", dtype);
+  backward_impl(params);
 }
 
 }  // namespace llmkit::attention
