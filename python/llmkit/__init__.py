@@ -57,3 +57,11 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "ops", "__version__"]
+
+from . import nn  # noqa: E402
+from . import integrations  # noqa: E402
+
+# transformers already imported: make attn_implementation="llmkit" available now. Otherwise
+# import llmkit.integrations.transformers (or call its register()) after importing it.
+integrations.register_available()
+__all__ += ["nn", "integrations"]
