@@ -4,8 +4,10 @@
 // registration of torch.ops.llmkit.flash_attention_{forward,backward}.
 // TORCH_CHECK_TYPE raises TypeError, TORCH_CHECK_VALUE ValueError in Python.
 #include "attention/attention.h"
+#include "common/dispatch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -23,9 +25,34 @@ bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf 
 // The kernels index rows and heads by stride but read head_dim contiguously.
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// fp16/bf16 -> fp32 once, for the CPU kernel (one linear pass; every block
-// product then reads its operands in place).
-at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// The CPU kernel computes in fp32: fp16/bf16 inputs are widened once, in
+// one parallel pass, into a head-major copy (each head one contiguous
+// (rows x head_dim) matrix, which sgemm packs fastest); the result is a view
+// with the input's shape. fp32 inputs are read in place, whatever their
+// strides (measured: copying them head-major first costs more than it saves).
+at::Tensor cpu_operand(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  const at::Tensor t4 = t.dim() == 4 ? t : t.unsqueeze(0);  // varlen: one "batch"
+  const int64_t batch = t4.size(0), rows = t4.size(1), heads = t4.size(2), d = t4.size(3);
+  at::Tensor packed = at::empty({batch, heads, rows, d}, t.options().dtype(at::kFloat));
+  float* dst = packed.data_ptr<float>();
+  const int64_t sb = t4.stride(0), sr = t4.stride(1), sh = t4.stride(2);
+  LLMKIT_DISPATCH_FLOAT_HALF_BF16(t.scalar_type(), "flash_attention (pack heads)", [&] {
+    const scalar_t* src = t4.const_data_ptr<scalar_t>();
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const scalar_t* head = src + (bh / heads) * sb + (bh % heads) * sh;
+        float* out = dst + bh * rows * d;
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t* row = head + r * sr;
+          for (int64_t e = 0; e < d; ++e) out[r * d + e] = static_cast<float>(row[e]);
+        }
+      }
+    });
+  });
+  const at::Tensor view = packed.transpose(1, 2);
+  return t.dim() == 4 ? view : view.squeeze(0);
+}
 
 // Host copy of int32 offsets, validated: starts at 0, never decreases, ends
 // within `rows`, and no sequence is longer than `max_seqlen`.
@@ -187,9 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> describe_backward(const at::Tenso
   p.out = const_cast<void*>(out.const_data_ptr());
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.dout = dout.const_data_ptr();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
@@ -233,8 +259,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
                      window_right, global_tokens, p);
   const bool varlen = cu_seqlens_q.has_value();
   const at::ScalarType dtype = q.scalar_type();
-  if (!q.is_cuda() && dtype != at::kFloat) {  // the CPU kernel computes in fp32
-    q = widened(q), k = widened(k), v = widened(v);
+  if (!q.is_cuda()) {
+    q = cpu_operand(q), k = cpu_operand(k), v = cpu_operand(v);
     check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                        window_right, global_tokens, p);
   }
@@ -248,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
 #endif
   } else {
     flash_forward_cpu(p, at::kFloat);
-    out = out.to(dtype);
+    if (dtype != at::kFloat) out = out.to(dtype);
   }
   clear_unowned_rows(out, cu_seqlens_q, 0);
   clear_unowned_rows(lse, cu_seqlens_q, 1, -INFINITY);
@@ -268,9 +294,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   p.deterministic = deterministic;
   const bool varlen = cu_seqlens_q.has_value();
   const at::ScalarType dtype = q.scalar_type();
-  if (!q.is_cuda() && dtype != at::kFloat) {
-    describe_backward(dout, q, k, v, out, lse, varlen, p);  // validates before widening
-    q = widened(q), k = widened(k), v = widened(v), dout = widened(dout), out = widened(out);
+  if (!q.is_cuda()) {
+    describe_backward(dout, q, k, v, out, lse, varlen, p);  // validates before converting
+    q = cpu_operand(q), k = cpu_operand(k), v = cpu_operand(v), dout = cpu_operand(dout), out = cpu_operand(out);
     check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                        window_right, global_tokens, p);
   }
@@ -284,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
 #endif
   } else {
     flash_backward_cpu(p, at::kFloat);
-    dq = dq.to(dtype), dk = dk.to(dtype), dv = dv.to(dtype);
+    if (dtype != at::kFloat) dq = dq.to(dtype), dk = dk.to(dtype), dv = dv.to(dtype);
   }
   clear_unowned_rows(dq, cu_seqlens_q, 0);
   clear_unowned_rows(dk, cu_seqlens_k, 0);

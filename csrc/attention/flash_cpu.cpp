@@ -39,9 +39,25 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (the Fortran-style entry: by pointer). Our
+// products run inside our own parallel region, so MKL must not start threads
+// of its own (oversubscription).
+extern "C" int mkl_set_num_threads_local(const int* nthreads) __attribute__((weak));
 
 namespace llmkit::attention {
 namespace {
+
+// Keeps the BLAS of the calling thread single-threaded for its lifetime.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    const int one = 1;
+    if (mkl_set_num_threads_local != nullptr) previous = mkl_set_num_threads_local(&one);
+  }
+  ~SingleThreadedBlas() {
+    if (mkl_set_num_threads_local != nullptr) mkl_set_num_threads_local(&previous);
+  }
+};
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -52,9 +68,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct Blocks {
   int64_t q, k;
 };
-Blocks choose_blocks(const AttentionParams& p) {
+Blocks choose_blocks(const AttentionParams& p, bool backward) {
   const bool windowed = p.window_left >= 0 && p.window_right >= 0;
-  Blocks blocks{64, windowed ? 64 : 256};
+  // Long unwindowed forwards: big products (MKL packs fewer operand bytes per
+  // flop), like ATen's CPU flash kernel. The backward keeps its five (q x k)
+  // products small enough to stay in L2.
+  Blocks blocks{64, 256};
+  if (windowed) blocks = {64, 64};
+  else if (!backward && p.seqlen_q >= 768) blocks = {256, 512};
   if (const char* env = std::getenv("LLMKIT_ATTN_BLOCKS")) {
     long bq = 0, bk = 0;
     if (std::sscanf(env, "%ld,%ld", &bq, &bk) == 2 && bq > 0 && bk > 0) blocks = {bq, bk};
@@ -113,25 +134,25 @@ float row_max_scalar(const float* s, int64_t n) {
 #define LLMKIT_AVX2 __attribute__((target("avx2,fma")))
 #define LLMKIT_INLINE inline __attribute__((always_inline))
 
-// exp for 8 floats: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (split
-// in two for accuracy), p Cephes' degree-7 minimax polynomial; ~1 ulp.
+// exp for 8 floats as 2^t, t = x log2(e): 2^round(t) goes straight into
+// the exponent bits, 2^f (|f| <= 1/2) is a degree-6 polynomial; ~2 ulp for
+// the scores that matter (|x| small), and 16 instructions. t < -125 -> 0,
+// so masked scores (-inf) give exactly 0.
 LLMKIT_AVX2 LLMKIT_INLINE __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-  return _mm256_andnot_ps(underflow, y);
+  __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 underflow = _mm256_cmp_ps(t, _mm256_set1_ps(-125.f), _CMP_LT_OQ);
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-125.f)), _mm256_set1_ps(127.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.54035303933816e-4f);  // ln2^k / k!, k = 6 .. 0
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.33335581464284e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.61812910762848e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.55041086648216e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.40226506959101e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.93147180559945e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+  return _mm256_andnot_ps(underflow, _mm256_castsi256_ps(scaled));
 }
 
 LLMKIT_AVX2 float hsum8(__m256 v) {
@@ -323,7 +344,7 @@ int64_t interleaved(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 
 void forward_impl(const AttentionParams& p) {
   const Simd simd;
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv;
-  const auto [block_q, block_k] = choose_blocks(p);
+  const auto [block_q, block_k] = choose_blocks(p, /*backward=*/false);
   const auto seqs = sequences(p);
   struct Task {
     int64_t seq, head, block, nblocks;
@@ -343,6 +364,7 @@ void forward_impl(const AttentionParams& p) {
   auto* out = static_cast<float*>(p.out);
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded_blas;
     std::vector<float> s_buf(block_q * block_k), acc(block_q * d), q_buf(block_q * d), k_buf(block_k * d),
         v_buf(block_k * d), m(block_q), l(block_q);
     for (int64_t t = begin; t < end; ++t) {
@@ -406,7 +428,7 @@ void forward_impl(const AttentionParams& p) {
 void backward_impl(const AttentionGradParams& p) {
   const Simd simd;
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv;
-  const auto [block_q, block_k] = choose_blocks(p);
+  const auto [block_q, block_k] = choose_blocks(p, /*backward=*/true);
   const auto seqs = sequences(p);
   std::vector<std::unique_ptr<Visibility>> vis(p.batch);
   for (int64_t s = 0; s < p.batch; ++s) vis[s] = std::make_unique<Visibility>(p, seqs[s]);
@@ -430,6 +452,7 @@ void backward_impl(const AttentionGradParams& p) {
   std::vector<std::vector<float>> dk_acc(units * splits), dv_acc(units * splits);
 
   at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas single_threaded_blas;
     std::vector<float> s_buf(block_q * block_k), dp_buf(block_q * block_k), dq_acc(block_q * d),
         q_buf(block_q * d), do_buf(block_q * d), o_buf(block_q * d), k_buf(block_k * d), v_buf(block_k * d),
         grad_buf(block_k * d), delta(block_q), lse_row(block_q);

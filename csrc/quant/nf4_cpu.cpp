@@ -21,6 +21,7 @@
 
 #include "common/dispatch.h"
 #include "quant/nf4.h"
+#include "common/cpu_memory.h"
 
 namespace llmkit::quant {
 namespace {
@@ -346,19 +347,7 @@ void dequantize_nf4_cpu_into(const at::Tensor& packed_, const at::Tensor& absmax
 // are therefore 2 MiB-aligned and advised as transparent huge pages (what
 // torch does under THP_MEM_ALLOC_ENABLE=1): 512x fewer faults.
 at::Tensor empty_large_output(at::IntArrayRef shape, at::TensorOptions options) {
-  constexpr size_t kHugePage = size_t{2} << 20;
-  constexpr int64_t kMinBytes = int64_t{16} << 20;
-  int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
-  const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  if (nbytes < kMinBytes) return at::empty(shape, options);
-  const size_t rounded = (static_cast<size_t>(nbytes) + kHugePage - 1) / kHugePage * kHugePage;
-  void* data = nullptr;
-  if (posix_memalign(&data, kHugePage, rounded) != 0) return at::empty(shape, options);
-#ifdef MADV_HUGEPAGE
-  madvise(data, rounded, MADV_HUGEPAGE);  // advice only: without THP it is a no-op
-#endif
-  return at::from_blob(data, shape, [](void* p) { std::free(p); }, options);
+  return empty_huge_page_backed(shape, options, int64_t{16} << 20);
 }
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
