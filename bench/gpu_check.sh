@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build llmkit for the GPU at hand only, run every test (CUDA
-# parametrisations included), compute-sanitizer memcheck on small cases of
-# each kernel, and the benchmarks; logs and JSON go to $OUT (or $1).
+# parametrisations included), compute-sanitizer memcheck (and racecheck for
+# attention) on small cases of each kernel, and the benchmarks; logs and JSON go to $OUT (or $1).
 # Made for the device machine: NVIDIA GPU, no internet, torch + nvcc + cmake +
 # ninja + scikit-build-core already installed. Budget: under 8 minutes.
 #   bash bench/gpu_check.sh [OUT_DIR]
@@ -53,12 +53,36 @@ print("sanitize case done")
 PYEOF
     timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY "$OUT_DIR/sanitize_case.py" > "$OUT_DIR/memcheck.log" 2>&1
     log "memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/memcheck.log" | tail -1)"
+    log "compute-sanitizer memcheck + racecheck (small attention forward / backward)"
+    cat > "$OUT_DIR/sanitize_attention.py" <<'PYEOF'
+import torch, llmkit
+from llmkit.ops import flash_attention, flash_attention_varlen
+for dtype in (torch.float32, torch.bfloat16):
+    for d in (64, 128, 256):
+        q = torch.randn(2, 77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(2, 93, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        for kw in ({"causal": True}, {"window": (9, 4)}):
+            flash_attention(q, k, v, **kw).sum().backward()
+    g = torch.zeros(2, 77, dtype=torch.bool, device="cuda"); g[:, [0, 40]] = True
+    q2, k2, v2 = (torch.randn(2, 77, 2, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    flash_attention(q2, k2, v2, window=(8, 8), global_tokens=g).sum().backward()
+    cu = torch.tensor([0, 5, 5, 6, 70], dtype=torch.int32, device="cuda")
+    qv, kv, vv = (torch.randn(70, 2, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    flash_attention_varlen(qv, kv, vv, cu, cu, 64, 64, causal=True).sum().backward()
+torch.cuda.synchronize()
+print("sanitize attention done")
+PYEOF
+    for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 3 $PY "$OUT_DIR/sanitize_attention.py" \
+            > "$OUT_DIR/attention-$tool.log" 2>&1
+        log "attention $tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/attention-$tool.log" | tail -1)"
+    done
 else
     log "compute-sanitizer not found: memcheck skipped"
 fi
 
 log "benchmarks"
-timeout 240 $PY -m llmkit.bench nf4 --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
+timeout 240 $PY -m llmkit.bench nf4 attention --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
 log "bench exit $?"
 tail -60 "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
 log "done; results in $OUT_DIR"

@@ -324,3 +324,26 @@ def test_import_llmkit_leaves_transformers_alone():
             "import transformers; llmkit.integrations.register_available(); "
             "from transformers import AttentionInterface; assert 'llmkit' in AttentionInterface._global_mapping")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_llmkit_sdpa_is_the_drop_in():
+    """The issue's entry point: llmkit.sdpa(q, k, v, ...) with torch's layout."""
+    import llmkit
+
+    q, k, v = (torch.randn(2, 4, 33, 64) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(llmkit.sdpa(q, k, v, is_causal=True), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_calls_counts_only_kernel_runs():
+    from llmkit.integrations import transformers as llmkit_hf
+
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=128, n_positions=64, vocab_size=100)
+    ref, ours = model_pair(config, "cpu")
+    before = llmkit_hf.kernel_calls()
+    with torch.no_grad():
+        ref(torch.randint(0, 100, (1, 16)))
+    assert llmkit_hf.kernel_calls() == before  # the SDPA twin does not touch our kernel
+    with torch.no_grad():
+        ours(torch.randint(0, 100, (1, 16)))
+    assert llmkit_hf.kernel_calls() == before + 2  # one call per layer

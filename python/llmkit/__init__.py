@@ -60,8 +60,9 @@ __all__ = ["build_info", "ops", "__version__"]
 
 from . import nn  # noqa: E402
 from . import integrations  # noqa: E402
+from .nn.functional import sdpa  # noqa: E402  (drop-in for F.scaled_dot_product_attention)
 
 # transformers already imported: make attn_implementation="llmkit" available now. Otherwise
 # import llmkit.integrations.transformers (or call its register()) after importing it.
 integrations.register_available()
-__all__ += ["nn", "integrations"]
+__all__ += ["nn", "integrations", "sdpa"]

@@ -1,14 +1,23 @@
-"""`llmkit demo`: NF4 on real-sized layers, then the NF4 benchmark.
+"""`llmkit demo`: NF4 on real-sized layers, then attention, then quick benchmarks.
 
 For each layer: quantize the weight with llmkit's NF4 (blocksize 64, double
 quant), dequantize it, and report the weight error, the bits per parameter
 with the quantization state counted, the memory saved, how much the layer's
 output moves on a random batch, and whether bitsandbytes produces the same
 bytes. Then run `llmkit bench nf4 --quick` and print its table.
+
+Attention: a small GPT-2 (built from a config: no downloads) runs once with
+transformers' SDPA attention and once with attn_implementation="llmkit"
+(our flash kernel), same weights, and the logits are compared; then a
+Longformer-style sliding window with a global token at seqlen 8192, which
+dense attention would need a 64M-entry mask for; then `llmkit bench
+attention --quick`.
 """
 from __future__ import annotations
 
+import copy
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,6 +122,49 @@ def round_trip(layer: DemoLayer, bar: tqdm) -> list[str]:
     ]
 
 
+def gpt2_on_llmkit_attention() -> list[str]:
+    """Same GPT-2 weights through transformers' SDPA and through llmkit's kernel."""
+    try:
+        import transformers
+    except ImportError:
+        return ["note: transformers is not installed: GPT-2 comparison skipped"]
+    from llmkit.integrations import transformers as llmkit_hf
+
+    llmkit_hf.register()
+    config = transformers.GPT2Config(n_layer=4, n_head=8, n_embd=512, n_positions=1024, vocab_size=8192)
+    # Each model gets its own config: the attention implementation lives there.
+    reference = transformers.GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = transformers.GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation="llmkit").eval()
+    ours.load_state_dict(reference.state_dict())
+    calls_before = llmkit_hf.kernel_calls()
+    ids = torch.randint(0, config.vocab_size, (2, 512))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = ours(ids).logits
+    on_kernel = llmkit_hf.kernel_calls() - calls_before
+    diff = (got - expected).abs().max().item()
+    return [f"GPT-2 (4 layers, 8 heads x 64, 2 x 512 tokens), attn_implementation='llmkit' vs 'sdpa':",
+            f"  max |logit difference| {diff:.2e} (scale of logits {expected.abs().max().item():.2f}); "
+            f"{on_kernel} attention calls ran on llmkit's kernel"]
+
+
+def sliding_window_with_global_token() -> list[str]:
+    from llmkit.ops import flash_attention
+
+    seqlen, heads, head_dim, window = 8192, 8, 64, (256, 256)
+    q, k, v = (torch.randn(1, seqlen, heads, head_dim) for _ in range(3))
+    glob = torch.zeros(1, seqlen, dtype=torch.bool)
+    glob[0, 0] = True  # a [CLS]-like token that sees, and is seen by, every token
+    start = time.perf_counter()
+    out = flash_attention(q, k, v, window=window, global_tokens=glob)
+    elapsed = time.perf_counter() - start
+    visible = seqlen * (window[0] + window[1] + 1) + 2 * seqlen
+    return [f"Longformer attention, seqlen {seqlen}, window +-256, global token 0: {elapsed * 1e3:.0f} ms, "
+            f"out {tuple(out.shape)}",
+            f"  ~{visible / seqlen**2:.1%} of the {seqlen}x{seqlen} score matrix computed, "
+            f"and none of it stored (dense attention would need a {seqlen**2 / 2**20:.0f}M-entry mask)"]
+
+
 def main() -> int:
     try:
         from llmkit import ops  # noqa: F401
@@ -139,7 +191,14 @@ def main() -> int:
     print("NF4 benchmark (quick: 1024x1024; `llmkit bench nf4` runs 4096x4096):\n")
     result = run_benchmark(registered()["nf4"], make_options(quick=True))
     print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved: `llmkit bench nf4` writes JSON and a plot)")
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved: `llmkit bench nf4` writes JSON and a plot)\n")
+
+    print("\n".join(gpt2_on_llmkit_attention()) + "\n")
+    print("\n".join(sliding_window_with_global_token()) + "\n")
+    print("Attention benchmark (quick shapes; `llmkit bench attention` runs seqlen 1k-16k):\n")
+    result = run_benchmark(registered()["attention"], make_options(quick=True))
+    print_table(result)
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved)")
     return 0
 
 

@@ -48,6 +48,11 @@ from .harness import Benchmark, BenchResult, Case, Contender, RunOptions, median
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OURS = "llmkit"
 
+# SDPA with a dense mask at seqlen 16384 (and its bf16 backward at 4096) takes
+# seconds a call on 2 cores; those are the comparisons the issue asks for, so
+# they are timed (a few samples) rather than skipped.
+SLOW_PEER_MAX_CALL_S = 30.0
+
 # CPU: the issue's shapes; the window is 256 keys each side.
 CPU_BATCH, CPU_HEADS, CPU_HEAD_DIM = 1, 8, 64
 CPU_SEQLENS, QUICK_CPU_SEQLENS = (1024, 2048, 4096), (256,)
@@ -440,7 +445,7 @@ def attention_case(w: Workload, names: list[str], notes: list[str] | None = None
 
     return Case(name=w.name, device=w.device, bytes_in=int(w.flops()), bytes_moved=w.io_bytes(),
                 contenders=[contender(n) for n in names], make_inputs=make_inputs, params=params,
-                check=check, notes=list(notes or []))
+                check=check, notes=list(notes or []), max_call_s=SLOW_PEER_MAX_CALL_S)
 
 
 def cpu_cases(opts: RunOptions) -> list[Case]:

@@ -73,6 +73,9 @@ class Case:
     # that the contenders computed the same thing (a fast wrong kernel is no win).
     check: Callable[[dict[str, Any]], dict[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
+    # Overrides RunOptions.max_call_s for this case: a headline comparison
+    # whose slow peer takes seconds per call must still be timed.
+    max_call_s: float | None = None
 
 
 @dataclass
@@ -187,7 +190,7 @@ def plan_samples(per_call_s: float, opts: RunOptions) -> tuple[int, int]:
     return calls, repeats
 
 
-def _warm_up(fn: Callable[[], Any], sync, opts: RunOptions) -> tuple[Any, float]:
+def _warm_up(fn: Callable[[], Any], sync, opts: RunOptions, max_call_s: float) -> tuple[Any, float]:
     """Call fn at least twice and until warmup_s has passed; return (first output, s per call).
 
     The first call pays one-time costs (allocation, page faults, lazy init),
@@ -199,7 +202,7 @@ def _warm_up(fn: Callable[[], Any], sync, opts: RunOptions) -> tuple[Any, float]
     output = fn()
     sync()
     times = [time.perf_counter() - start]
-    if times[0] > opts.max_call_s or times[0] > opts.budget_s / max(opts.min_repeats, 1):
+    if times[0] > max_call_s or times[0] > opts.budget_s / max(opts.min_repeats, 1):
         return output, times[0]
     while len(times) < 2 or (sum(times) < opts.warmup_s and len(times) < 1000):
         times.append(time_calls(fn, 1, sync))
@@ -217,6 +220,7 @@ def _error_note(prefix: str, err: BaseException) -> str:
 
 def run_case(case: Case, opts: RunOptions, floor_gbps: float | None = None) -> CaseResult:
     sync = synchronizer(case.device)
+    max_call_s = case.max_call_s if case.max_call_s is not None else opts.max_call_s
     inputs = case.make_inputs()
     measurements = {c.name: Measurement(c.name, c.ours) for c in case.contenders}
     timed: dict[str, Callable[[], Any]] = {}
@@ -227,12 +231,12 @@ def run_case(case: Case, opts: RunOptions, floor_gbps: float | None = None) -> C
         m = measurements[contender.name]
         try:
             fn = contender.setup(inputs)
-            outputs[contender.name], per_call = _warm_up(fn, sync, opts)
+            outputs[contender.name], per_call = _warm_up(fn, sync, opts, max_call_s)
         except Exception as err:  # an unavailable peer must not stop the others
             add_note(m, _error_note("unavailable", err))
             continue
-        if per_call > opts.max_call_s:
-            add_note(m, f"skipped: one call took {per_call:.1f} s (limit {opts.max_call_s:g} s)")
+        if per_call > max_call_s:
+            add_note(m, f"skipped: one call took {per_call:.1f} s (limit {max_call_s:g} s)")
             outputs.pop(contender.name)
             continue
         m.calls_per_sample, planned[contender.name] = plan_samples(per_call, opts)

@@ -71,6 +71,21 @@ def _sdpa_fallback(reason, module, query, key, value, attention_mask, dropout, s
                                   is_causal=is_causal, **kwargs)
 
 
+_kernel_calls = 0
+
+
+def kernel_calls() -> int:
+    """How many attention calls ran on llmkit's kernel so far (fallbacks not
+    counted): a cheap way to see that a model really uses it."""
+    return _kernel_calls
+
+
+def _on_kernel(result):
+    global _kernel_calls
+    _kernel_calls += 1
+    return result, None
+
+
 def llmkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None,
@@ -103,8 +118,8 @@ def llmkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         # transformers' SDPA semantics: causal only with several queries, top-left aligned (a
         # kv longer than q without a mask is an empty static cache, whose tail is unused).
         if causal and q_len > 1:
-            return top_left_causal_attention(q, k, v, softmax_scale=scaling), None
-        return flash_attention(q, k, v, softmax_scale=scaling), None
+            return _on_kernel(top_left_causal_attention(q, k, v, softmax_scale=scaling))
+        return _on_kernel(flash_attention(q, k, v, softmax_scale=scaling))
 
     if (attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
             or attention_mask.shape[-2:] != (q_len, kv_len)):
@@ -116,7 +131,7 @@ def llmkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if plan is None:
         return fallback("an attention_mask that is not padding with a causal / sliding / full pattern")
     q_valid, k_valid, window = plan
-    return padded_flash_attention(q, k, v, q_valid, k_valid, window, softmax_scale=scaling), None
+    return _on_kernel(padded_flash_attention(q, k, v, q_valid, k_valid, window, softmax_scale=scaling))
 
 
 def register() -> None:
