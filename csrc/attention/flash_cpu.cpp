@@ -324,12 +324,34 @@ void store_row(const float* src, float scale, int64_t d, float* dst) {
   for (int64_t t = 0; t < d; ++t) dst[t] = src[t] * scale;
 }
 
-// Walk the key chunks of a plan: fn(c0, n, gathered_indices_or_null).
+// One chunk of keys with their K and V rows as fp32 (rows x d) matrices.
+struct Chunk {
+  int64_t first;        // first key of a contiguous chunk; -1 for gathered keys
+  int64_t n;            // keys in the chunk
+  const int64_t* keys;  // the gathered (global) keys' indices, or null
+  const float* k;
+  int64_t ldk;
+  const float* v;
+  int64_t ldv;
+};
+
+// Walk the key chunks of a plan, loading each chunk's K / V rows: fn(chunk).
 template <typename Fn>
-void for_each_chunk(const KeyPlan& plan, int64_t block_k, Fn&& fn) {
-  for (int64_t c0 = plan.lo; c0 < plan.hi; c0 += block_k) fn(c0, std::min(block_k, plan.hi - c0), nullptr);
+void for_each_chunk(const KeyPlan& plan, int64_t block_k, int64_t d, const float* k_head, int64_t k_stride,
+                    const float* v_head, int64_t v_stride, float* k_buf, float* v_buf, Fn&& fn) {
+  for (int64_t c0 = plan.lo; c0 < plan.hi; c0 += block_k) {
+    Chunk c{c0, std::min(block_k, plan.hi - c0), nullptr, nullptr, d, nullptr, d};
+    c.k = load_rows(k_head, k_stride, c0, c.n, d, k_buf, c.ldk);
+    c.v = load_rows(v_head, v_stride, c0, c.n, d, v_buf, c.ldv);
+    fn(c);
+  }
   const int64_t ng = static_cast<int64_t>(plan.gathered.size());
-  for (int64_t g0 = 0; g0 < ng; g0 += block_k) fn(int64_t(-1), std::min(block_k, ng - g0), plan.gathered.data() + g0);
+  for (int64_t g0 = 0; g0 < ng; g0 += block_k) {
+    Chunk c{-1, std::min(block_k, ng - g0), plan.gathered.data() + g0, nullptr, d, nullptr, d};
+    c.k = gather_rows(k_head, k_stride, c.keys, c.n, d, k_buf);
+    c.v = gather_rows(v_head, v_stride, c.keys, c.n, d, v_buf);
+    fn(c);
+  }
 }
 
 // Causal blocks cost more the later they come; a thread's contiguous range
@@ -381,15 +403,12 @@ void forward_impl(const AttentionParams& p) {
       std::fill(l.begin(), l.end(), 0.f);
 
       const KeyPlan plan = plan_keys(sv, i0, i0 + rows);
-      for_each_chunk(plan, block_k, [&](int64_t c0, int64_t n, const int64_t* idx) {
-        int64_t ldk = d, ldv = d;
-        const float* kf = idx ? gather_rows(k_head, p.k_row_stride, idx, n, d, k_buf.data())
-                              : load_rows(k_head, p.k_row_stride, c0, n, d, k_buf.data(), ldk);
-        const float* vf = idx ? gather_rows(v_head, p.v_row_stride, idx, n, d, v_buf.data())
-                              : load_rows(v_head, p.v_row_stride, c0, n, d, v_buf.data(), ldv);
+      for_each_chunk(plan, block_k, d, k_head, p.k_row_stride, v_head, p.v_row_stride, k_buf.data(), v_buf.data(),
+                     [&](const Chunk& c) {
+        const int64_t n = c.n;
         float* s = s_buf.data();
-        gemm(false, true, rows, n, d, p.scale, qf, ldq, kf, ldk, 0.f, s, n);
-        if (!idx) mask_chunk(sv, i0, rows, c0, n, s, n);
+        gemm(false, true, rows, n, d, p.scale, qf, ldq, c.k, c.ldk, 0.f, s, n);
+        if (!c.keys) mask_chunk(sv, i0, rows, c.first, n, s, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = s + r * n;
           const float m_new = std::max(m[r], simd.row_max(row, n));
@@ -405,7 +424,7 @@ void forward_impl(const AttentionParams& p) {
             for (int64_t t2 = 0; t2 < d; ++t2) a[t2] *= alpha;
           }
         }
-        gemm(false, false, rows, d, n, 1.f, s, n, vf, ldv, 1.f, acc.data(), d);
+        gemm(false, false, rows, d, n, 1.f, s, n, c.v, c.ldv, 1.f, acc.data(), d);
       });
 
       float* out_rows = out + seq.b * p.out_batch_stride + (seq.start_q + i0) * p.out_row_stride +
@@ -434,7 +453,9 @@ void backward_impl(const AttentionGradParams& p) {
   // split `part` takes the query blocks part, part + splits, ... (even under causal).
   const int64_t units = p.batch * p.heads_kv;
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = units == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>(2 * threads / units + (2 * threads % units != 0), 8));
+  // Enough splits for two tasks per thread (units * splits >= 2 * threads),
+  // at most 8: each split holds its own fp32 dK/dV, summed afterwards.
+  const int64_t splits = units == 0 ? 1 : std::clamp<int64_t>((2 * threads + units - 1) / units, 1, 8);
 
   const auto* q = static_cast<const float*>(p.q);
   const auto* k = static_cast<const float*>(p.k);
@@ -490,12 +511,12 @@ void backward_impl(const AttentionGradParams& p) {
           std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
 
           const KeyPlan plan = plan_keys(sv, i0, i0 + rows);
-          for_each_chunk(plan, block_k, [&](int64_t c0, int64_t n, const int64_t* idx) {
-            int64_t ldk = d, ldv = d;
-            const float* kf = idx ? gather_rows(k_head, p.k_row_stride, idx, n, d, k_buf.data())
-                                  : load_rows(k_head, p.k_row_stride, c0, n, d, k_buf.data(), ldk);
-            const float* vf = idx ? gather_rows(v_head, p.v_row_stride, idx, n, d, v_buf.data())
-                                  : load_rows(v_head, p.v_row_stride, c0, n, d, v_buf.data(), ldv);
+          for_each_chunk(plan, block_k, d, k_head, p.k_row_stride, v_head, p.v_row_stride, k_buf.data(),
+                         v_buf.data(), [&](const Chunk& c) {
+            const int64_t n = c.n, c0 = c.first;
+            const int64_t* idx = c.keys;
+            const float *kf = c.k, *vf = c.v;
+            const int64_t ldk = c.ldk, ldv = c.ldv;
             float* s = s_buf.data();
             float* dp = dp_buf.data();
             // P = exp(scale * Q K^T - lse), 0 where invisible or the row has no key.

@@ -12,21 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
+from ._checks import check_tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = "multiples of 8 up to 256"
-
-
-def _check_device(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type == "cuda" and not _C.built_with_cuda():
-        raise RuntimeError(
-            f"{name} is a CUDA tensor but this llmkit build has no CUDA kernels "
-            "(llmkit.build_info()['cuda'] is False); rebuild with nvcc on PATH or CUDA_HOME set, "
-            "or move the tensor to the CPU"
-        )
 
 
 def _window(causal: bool, window) -> tuple[int, int]:
@@ -53,7 +42,7 @@ def _scale(q: torch.Tensor, softmax_scale) -> float:
 def _check_global(global_tokens, causal: bool):
     if global_tokens is None:
         return None
-    _check_device("global_tokens", global_tokens)
+    check_tensor("global_tokens", global_tokens)
     if causal:
         raise ValueError(
             "global_tokens with causal=True is not supported: Longformer global attention is "
@@ -90,7 +79,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         Differentiable in q, k and v (backward recomputes from lse).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_device(name, t)
+        check_tensor(name, t)
     left, right = _window(causal, window)
     scale = _scale(q, softmax_scale)
     global_tokens = _check_global(global_tokens, causal)
@@ -121,7 +110,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k)):
-        _check_device(name, t)
+        check_tensor(name, t)
     left, right = _window(causal, window)
     scale = _scale(q, softmax_scale)
     global_tokens = _check_global(global_tokens, causal)

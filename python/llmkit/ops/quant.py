@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
+from ._checks import check_tensor
 from .quant_state import NestedState, NF4State, cached_dynamic_map
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -17,18 +17,7 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes' double-quant block
 
 
 def _check_tensor(name: str, t, device_of: torch.Tensor | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type == "cuda" and not _C.built_with_cuda():
-        raise RuntimeError(
-            f"{name} is a CUDA tensor but this llmkit build has no CUDA kernels "
-            "(llmkit.build_info()['cuda'] is False); rebuild with nvcc on PATH or CUDA_HOME set, "
-            "or move the tensor to the CPU"
-        )
-    if t.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"{name} is on {t.device}; llmkit's quant ops run on cpu and cuda")
-    if device_of is not None and t.device != device_of.device:
-        raise ValueError(f"{name} is on {t.device} but the packed tensor is on {device_of.device}")
+    check_tensor(name, t, device_of, device_of_name="the packed tensor")
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
