@@ -755,10 +755,20 @@ GlobalTiles global_tiles(const AttentionParams& p, int tile, cudaStream_t stream
   return t;
 }
 
-// Dynamic shared memory above 48 KB needs an explicit opt-in per kernel.
+// Dynamic shared memory above 48 KB needs an explicit opt-in per kernel. It
+// fails on GPUs with a smaller opt-in limit (sm_86 / sm_89: 99 KB, which the
+// kD 128 dQ and the kD 256 backward tiles exceed): say so instead of a bare
+// "invalid argument".
 template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+void allow_smem(Kernel kernel, size_t bytes, const char* what, int kd) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();  // clear it: it is reported here
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(false, "flash attention (CUDA): the ", what, " kernel for head_dim <= ", kd, " needs ", bytes / 1024,
+              " KB of shared memory per block, but ", prop->name, " (sm_", prop->major, prop->minor, ") allows ",
+              prop->sharedMemPerBlockOptin / 1024, " KB (", cudaGetErrorString(err), ")");
 }
 
 template <typename T, int kD>
@@ -769,7 +779,7 @@ void launch_forward(const AttentionParams& p, cudaStream_t stream) {
   const GlobalTiles gt = global_tiles(p, kBN, stream);
   constexpr size_t smem = sizeof(float) * ((kBM + kBN) * (kD + 1) + kBM * (kBN + 1));
   auto kernel = flash_fwd_kernel<T, kD, kBM, kBN>;
-  allow_smem(kernel, smem);
+  allow_smem(kernel, smem, "forward", kD);
   kernel<<<flat_grid(q_tiles, p.heads_q, p.batch), kThreads, smem, stream>>>(p, static_cast<int>(q_tiles), gt.count,
                                                                              gt.list, gt.max_tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -784,7 +794,7 @@ void launch_backward(const AttentionGradParams& p, const float* dbuf, const Glob
     constexpr size_t smem =
         sizeof(float) * (2 * C::kKvBN * (kD + 1) + 2 * C::kKvBM * (kD + 1) + 2 * C::kKvBM * (C::kKvBN + 1));
     auto kernel = flash_bwd_dkdv_kernel<T, kD, C::kKvBN, C::kKvBM>;
-    allow_smem(kernel, smem);
+    allow_smem(kernel, smem, "backward dK/dV", kD);
     kernel<<<flat_grid(k_tiles, p.heads_kv, p.batch), kThreads, smem, stream>>>(
         p, static_cast<int>(k_tiles), dbuf, gt.count, gt.list, gt.max_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -794,7 +804,7 @@ void launch_backward(const AttentionGradParams& p, const float* dbuf, const Glob
     constexpr size_t smem =
         sizeof(float) * (2 * C::kQBM * (kD + 1) + 2 * C::kQBN * (kD + 1) + C::kQBM * (C::kQBN + 1));
     auto kernel = flash_bwd_dq_kernel<T, kD, C::kQBM, C::kQBN>;
-    allow_smem(kernel, smem);
+    allow_smem(kernel, smem, "backward dQ", kD);
     kernel<<<flat_grid(q_tiles, p.heads_q, p.batch), kThreads, smem, stream>>>(
         p, static_cast<int>(q_tiles), dbuf, gt.count, gt.list, gt.max_tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -836,7 +846,7 @@ void flash_backward_cuda(const AttentionGradParams& params, at::ScalarType dtype
   const GlobalTiles gt = global_tiles(p, kBwdGlobalTile, stream);
   LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_backward_cuda", [&] {
     if (rows > 0) {
-      bwd_dot_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p, dbuf.data_ptr<float>());
+      bwd_dot_kernel<scalar_t><<<flat_grid(ceil_div(rows, 8), 1, 1), 256, 0, stream>>>(p, dbuf.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (p.head_dim <= 64) {
