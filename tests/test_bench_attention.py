@@ -136,3 +136,18 @@ def test_peak_fractions_divide_by_the_runs_matmul_peak(attention, harness, quick
     lines = attention.peak_fractions(harness.BenchResult(**{**quick_result.__dict__, "cases": [with_peak]}))
     assert len(lines) == 2 and lines[0].startswith(f"{case.name} llmkit: ") and "50.0% of matmul peak" in lines[0]
     assert attention.peak_fractions(quick_result) == []  # CPU rows have no matmul peak
+
+
+def test_finish_notes_the_fraction_of_the_matmul_peak(attention, harness, quick_result):
+    import copy
+
+    case = copy.deepcopy(quick_result.cases[0])
+    ours = case.measurements[0]
+    peak_tflops = 4 * case.params["flops"] / ours.median_s / 1e12  # ours at a quarter of the peak
+    case.params = {**case.params, "matmul_peak": {"tflops": peak_tflops}}
+    result = harness.BenchResult(**{**quick_result.__dict__, "cases": [case]})
+    attention.note_peak_fractions(result)
+    assert "25.0% of the bf16 matmul peak" in ours.note
+    from llmkit.bench import registered
+
+    assert registered()["attention"].finish is attention.note_peak_fractions

@@ -43,7 +43,8 @@ from typing import Callable
 import torch
 
 from . import register
-from .harness import Benchmark, BenchResult, Case, Contender, RunOptions, median, run_case, synchronizer, time_calls
+from .harness import (Benchmark, BenchResult, Case, Contender, RunOptions, add_note, median, run_case, synchronizer,
+                      time_calls)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OURS = "llmkit"
@@ -523,11 +524,7 @@ def attention_cases(opts: RunOptions) -> list[Case]:
 
 
 def peak_fractions(result: BenchResult) -> list[str]:
-    """TFLOP/s and fraction of the run's matmul peak for each CUDA row, as lines of text.
-
-    The harness has no hook after timing, so these are not in its table; call
-    this on the result (or see the matmul peak in the rows' notes).
-    """
+    """TFLOP/s and fraction of the run's matmul peak for each CUDA row, as lines of text."""
     lines = []
     for case in result.cases:
         peak = case.params.get("matmul_peak", {}).get("tflops")
@@ -538,10 +535,21 @@ def peak_fractions(result: BenchResult) -> list[str]:
     return lines
 
 
+def note_peak_fractions(result: BenchResult) -> None:
+    """After timing: each CUDA row's TFLOP/s as a fraction of the matmul peak of the same run."""
+    for case in result.cases:
+        peak = case.params.get("matmul_peak", {}).get("tflops")
+        for m in case.measurements:
+            if peak and m.ok:
+                tflops = case.params["flops"] / m.median_s / 1e12
+                add_note(m, f"{tflops:.1f} TFLOP/s = {tflops / peak:.1%} of the bf16 matmul peak")
+
+
 register(Benchmark(
     name="attention",
     description="flash attention vs torch SDPA (forward, backward); "
                 "'GB/s in' = GFLOP/s here (4*b*s^2*h*d per forward, /2 causal, visible keys for a window; "
                 "backward 2.5x)",
     cases=attention_cases,
+    finish=note_peak_fractions,
 ))

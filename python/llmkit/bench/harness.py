@@ -83,6 +83,9 @@ class Benchmark:
     name: str
     description: str
     cases: Callable[["RunOptions"], list[Case]]
+    # Called on the finished result (e.g. to note rates relative to a peak
+    # measured in the same run) before it is printed or saved.
+    finish: Callable[["BenchResult"], None] | None = None
 
 
 @dataclass
@@ -326,7 +329,7 @@ def run_benchmark(bench: Benchmark, opts: RunOptions, floors: dict[str, Floor] |
         bar.set_postfix_str(case.name)
         results.append(run_case(case, opts, floors[case.device].gbps))
     used = {r.device for r in results}
-    return BenchResult(
+    result = BenchResult(
         benchmark=bench.name,
         description=bench.description,
         created=created,
@@ -336,6 +339,9 @@ def run_benchmark(bench: Benchmark, opts: RunOptions, floors: dict[str, Floor] |
         cases=results,
         wall_s=time.perf_counter() - started,
     )
+    if bench.finish is not None:
+        bench.finish(result)
+    return result
 
 
 # --------------------------------------------------------------------------- machine info
