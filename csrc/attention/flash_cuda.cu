@@ -1,5 +1,9 @@
 // CUDA kernels of the attention family (attention.h), on the current stream.
-// Plain SIMT tiles with float32 accumulation (no tensor cores yet): every tile
+// Forward for fp16 / bf16 with head_dim <= 128 on sm_80+: tensor cores
+// (mma.sync m16n8k16, flash_fwd_tc.cuh). LLMKIT_ATTN_SIMT=1 forces the SIMT
+// forward below (read once per process), e.g. to compare the two paths.
+// Everything else (float32, head_dim > 128, the backward) uses
+// plain SIMT tiles with float32 accumulation: every tile
 // is staged in shared memory as float32, rows padded by one float so that the
 // 16 threads of a half-warp reading 16 different rows hit 16 different banks.
 //
@@ -32,6 +36,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "attention/attention.h"
 #include "common/dispatch.h"
@@ -221,6 +228,35 @@ __device__ __forceinline__ int partner_tile(int it, int lo, int n_range, const i
   return (t >= lo && t < lo + n_range) ? -1 : t;
 }
 
+// The key tiles (of `tile` keys) a forward query tile [q0, q0 + qn) visits:
+// every tile when one of its queries is global, else the window's range, then
+// the global-token list entries outside it. Shared by both forward kernels;
+// `tile` must be the tile of the list (global_tiles(p, tile)).
+struct KeyTiles {
+  int lo, n_range, n_list;
+  const int* list;
+  __device__ __forceinline__ int count() const { return n_range + n_list; }
+  __device__ __forceinline__ int at(int it) const { return partner_tile(it, lo, n_range, list); }
+  // The first step >= it holding a tile not yet visited, or count().
+  __device__ __forceinline__ int next(int it) const {
+    while (it < count() && at(it) < 0) ++it;
+    return it;
+  }
+};
+__device__ __forceinline__ KeyTiles forward_key_tiles(const Window& w, const Seq& s, int64_t b, int q0, int qn,
+                                                      int tile, bool q_global, const unsigned char* g,
+                                                      const int* gcount, const int* glist, int gmax) {
+  const int k_tiles = (s.sk + tile - 1) / tile;
+  int lo = 0, hi = k_tiles - 1;
+  if (!q_global) w.key_tiles(q0, q0 + qn, s.sk, tile, lo, hi);
+  KeyTiles t;
+  t.lo = lo;
+  t.n_range = max(0, hi - lo + 1);
+  t.n_list = (g != nullptr && !q_global) ? gcount[b] : 0;
+  t.list = glist + b * gmax;
+  return t;
+}
+
 // --------------------------------------------------------------- forward ----
 template <typename T, int kD, int kBM, int kBN>
 __global__ void __launch_bounds__(kThreads)
@@ -275,15 +311,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kCD; ++c) acc[r][c] = 0.0f;
   }
 
-  const int k_tiles = (s.sk + kBN - 1) / kBN;
-  int lo = 0, hi = k_tiles - 1;
-  if (!q_global) w.key_tiles(q0, q0 + qn, s.sk, kBN, lo, hi);
-  const int n_range = max(0, hi - lo + 1);
-  const int n_list = (g != nullptr && !q_global) ? gcount[b] : 0;
-  const int* list = glist + b * gmax;
+  const KeyTiles tiles = forward_key_tiles(w, s, b, q0, qn, kBN, q_global, g, gcount, glist, gmax);
 
-  for (int it = 0; it < n_range + n_list; ++it) {
-    const int kt = partner_tile(it, lo, n_range, list);
+  for (int it = 0; it < tiles.count(); ++it) {
+    const int kt = tiles.at(it);
     if (kt < 0) continue;
     const int k0 = kt * kBN;
     const int kn = min(kBN, s.sk - k0);
@@ -379,6 +410,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
+
+// Tensor-core forward (fp16 / bf16, head_dim <= 128, sm_80+): tc::fwd_kernel.
+#include "attention/flash_fwd_tc.cuh"
 
 // -------------------------------------------------------------- backward ----
 // D_i = dout_i . out_i, one warp per (sequence, query head, row), stored at
@@ -785,6 +819,68 @@ void launch_forward(const AttentionParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tensor-core forward's 16-byte paths (cp.async, 4-byte output stores)
+// need every row of q, k, v, out 16-byte aligned: 16-byte aligned bases and
+// strides that are multiples of 8 elements. Otherwise it reads and writes
+// 16-bit elements one by one (same kernel, runtime flag).
+bool tc_vector_ok(const AttentionParams& p) {
+  auto aligned = [](const void* ptr, int64_t s0, int64_t s1, int64_t s2) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s0 % 8 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
+  };
+  return aligned(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
+         aligned(p.out, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+}
+
+// Whether this binary holds tc::fwd_kernel<T, kD> built from sm_80+ code for
+// the current device (an arch list of only older targets would JIT the
+// __trap() body from their PTX, and report that PTX's version). A version
+// the driver leaves at 0 counts as built. Asked once per process; a fallback
+// says so once, so that it cannot pass unnoticed.
+template <typename T, int kD>
+bool tc_forward_built() {
+  static const bool built = [] {
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, tc::fwd_kernel<T, kD>);
+    if (err != cudaSuccess) (void)cudaGetLastError();  // clear it: reported below
+    const bool ok = err == cudaSuccess && (attr.ptxVersion >= 80 || (attr.ptxVersion == 0 && attr.binaryVersion >= 80));
+    if (!ok) {
+      TORCH_WARN_ONCE("flash attention (CUDA): the tensor-core forward is not built for this GPU (",
+                      err == cudaSuccess ? "ptx version " : cudaGetErrorString(err),
+                      err == cudaSuccess ? attr.ptxVersion : 0, "); using the SIMT forward");
+    }
+    return ok;
+  }();
+  return built;
+}
+
+// Returns false (nothing launched) when the kernel is not built for sm_80+.
+template <typename T, int kD>
+bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {
+  if (!tc_forward_built<T, kD>()) return false;
+  const int64_t q_tiles = ceil_div(p.seqlen_q, tc::kBM);
+  if (q_tiles == 0) return true;
+  const GlobalTiles gt = global_tiles(p, tc::kBN, stream);
+  constexpr size_t smem = sizeof(uint16_t) * (tc::kBM + 2 * tc::kBN) * (kD + 8);
+  auto kernel = tc::fwd_kernel<T, kD>;
+  allow_smem(kernel, smem, "tensor-core forward", kD);
+  kernel<<<flat_grid(q_tiles, p.heads_q, p.batch), kThreads, smem, stream>>>(
+      p, static_cast<int>(q_tiles), gt.count, gt.list, gt.max_tiles, tc_vector_ok(p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// LLMKIT_ATTN_SIMT=1 (any value but empty or "0") forces the SIMT forward;
+// read once per process.
+bool force_simt_forward() {
+  static const bool force = [] {
+    const char* e = std::getenv("LLMKIT_ATTN_SIMT");
+    return e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0;
+  }();
+  return force;
+}
+
 template <typename T, int kD>
 void launch_backward(const AttentionGradParams& p, const float* dbuf, const GlobalTiles& gt, cudaStream_t stream) {
   using C = Cfg<kD>;
@@ -825,7 +921,17 @@ void flash_forward_cuda(const AttentionParams& params, at::ScalarType dtype) {
   check_shape(params);
   const AttentionParams p = normalized(params);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // fp16 / bf16 with head_dim <= 128 on sm_80+: tensor cores (unless
+  // LLMKIT_ATTN_SIMT is set); float32, head_dim > 128 and older GPUs: SIMT.
+  const bool use_tc =
+      p.head_dim <= 128 && !force_simt_forward() && at::cuda::getCurrentDeviceProperties()->major >= 8;
   LLMKIT_DISPATCH_FLOAT_HALF_BF16(dtype, "flash_forward_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (use_tc && (p.head_dim <= 64 ? launch_forward_tc<scalar_t, 64>(p, stream)
+                                      : launch_forward_tc<scalar_t, 128>(p, stream))) {
+        return;
+      }
+    }
     if (p.head_dim <= 64) {
       launch_forward<scalar_t, 64>(p, stream);
     } else if (p.head_dim <= 128) {
