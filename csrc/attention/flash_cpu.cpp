@@ -354,9 +354,14 @@ void for_each_chunk(const KeyPlan& plan, int64_t block_k, int64_t d, const float
   }
 }
 
-// Causal blocks cost more the later they come; a thread's contiguous range
-// of tasks alternates cheap and dear blocks to keep the threads even.
-int64_t interleaved(int64_t t, int64_t n) { return (t % 2 == 0) ? t / 2 : n - 1 - t / 2; }
+// With one side of the window unbounded (causal), blocks cost more the later
+// (or earlier) they come: a thread's contiguous range of tasks then
+// alternates cheap and dear blocks to keep the threads even. Otherwise blocks
+// go in order, so neighbouring tasks share their keys in cache.
+int64_t block_order(int64_t t, int64_t n, bool uneven) {
+  if (!uneven) return t;
+  return (t % 2 == 0) ? t / 2 : n - 1 - t / 2;
+}
 
 // ------------------------------------------------------------ forward ----
 
@@ -364,6 +369,7 @@ void forward_impl(const AttentionParams& p) {
   const Simd simd;
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_kv;
   const auto [block_q, block_k] = choose_blocks(p);
+  const bool uneven_cost = (p.window_left < 0) != (p.window_right < 0);
   const auto seqs = sequences(p);
   struct Task {
     int64_t seq, head, block, nblocks;
@@ -390,7 +396,7 @@ void forward_impl(const AttentionParams& p) {
       const Task& task = tasks[t];
       const Sequence& seq = seqs[task.seq];
       const Visibility& sv = *vis[task.seq];
-      const int64_t block = interleaved(task.block, task.nblocks);
+      const int64_t block = block_order(task.block, task.nblocks, uneven_cost);
       const int64_t i0 = block * block_q, rows = std::min(block_q, seq.len_q - i0);
       const int64_t h = task.head, hk = h / group;
       const float* q_head = q + seq.b * p.q_batch_stride + seq.start_q * p.q_row_stride + h * p.q_head_stride;
