@@ -34,6 +34,10 @@ cat "$OUT_DIR/device.json" | tee -a "$OUT_DIR/summary.txt"
 log "tests (CPU and CUDA parametrisations)"
 timeout 240 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" tests > "$OUT_DIR/tests.log" 2>&1
 log "tests exit $?: $(tail -1 "$OUT_DIR/tests.log")"
+# fp16/bf16 attention forwards take the tensor-core kernel by default; check the SIMT one too.
+LLMKIT_ATTN_SIMT=1 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
+    > "$OUT_DIR/tests-attention-simt.log" 2>&1
+log "attention tests with LLMKIT_ATTN_SIMT=1 exit $?: $(tail -1 "$OUT_DIR/tests-attention-simt.log")"
 
 if command -v compute-sanitizer > /dev/null; then
     log "compute-sanitizer memcheck (small quantize / dequantize / 8-bit cases)"
