@@ -59,8 +59,9 @@ constexpr int kBwdGlobalTile = 32;
 //   fwd:  Q kBM x kD, K-then-V kBN x kD (one buffer), P kBM x kBN
 //   dkdv: K, V kBN x kD, Q, dO kBM x kD, P, dS kBM x kBN
 //   dq:   Q, dO kBM x kD, K, V kBN x kD, dS kBM x kBN
-// (fwd 49 / 81 / 68 KB, dkdv 65 / 73 / 101 KB, dq 57 / 105 / 133 KB for kD
-// 64 / 128 / 256: within sm_80's and sm_90's opt-in limits, not sm_86's).
+// (fwd 49 / 81 / 68 KB, dkdv 65 / 73 / 101 KB, dq 57 / 69 / 133 KB for kD
+// 64 / 128 / 256: within sm_80's and sm_90's opt-in limits; kD <= 128 also
+// within sm_86 / sm_89's 99 KB, kD 256's backward not).
 // Register tiles stay at <= 64 accumulators per thread.
 template <int kD> struct Cfg;
 template <> struct Cfg<64> {
@@ -71,7 +72,7 @@ template <> struct Cfg<64> {
 template <> struct Cfg<128> {
   static constexpr int kFwdBM = 64, kFwdBN = 64;
   static constexpr int kKvBN = 32, kKvBM = 32;
-  static constexpr int kQBM = 64, kQBN = 32;
+  static constexpr int kQBM = 32, kQBN = 32;  // 32 query rows: dQ fits sm_86 / sm_89
 };
 template <> struct Cfg<256> {
   static constexpr int kFwdBM = 32, kFwdBN = 32;
@@ -791,8 +792,7 @@ GlobalTiles global_tiles(const AttentionParams& p, int tile, cudaStream_t stream
 
 // Dynamic shared memory above 48 KB needs an explicit opt-in per kernel. It
 // fails on GPUs with a smaller opt-in limit (sm_86 / sm_89: 99 KB, which the
-// kD 128 dQ and the kD 256 backward tiles exceed): say so instead of a bare
-// "invalid argument".
+// kD 256 backward tiles exceed): say so instead of a bare "invalid argument".
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes, const char* what, int kd) {
   const cudaError_t err =
