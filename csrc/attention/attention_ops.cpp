@@ -4,14 +4,12 @@
 // registration of torch.ops.llmkit.flash_attention_{forward,backward}.
 // TORCH_CHECK_TYPE raises TypeError, TORCH_CHECK_VALUE ValueError in Python.
 #include "attention/attention.h"
-#include "common/dispatch.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #ifdef LLMKIT_WITH_CUDA
@@ -55,10 +53,6 @@ void widen_row(const c10::Half* __restrict src, float* __restrict dst, int64_t n
   for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<float>(src[e]);
 }
 
-void widen_row(const float* __restrict src, float* __restrict dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-
 // The CPU kernel computes in fp32: fp16/bf16 inputs are widened once, in
 // one parallel pass, into a head-major copy (each head one contiguous
 // (rows x head_dim) matrix, which sgemm packs fastest); the result is a view
@@ -71,16 +65,17 @@ at::Tensor cpu_operand(const at::Tensor& t) {
   at::Tensor packed = at::empty({batch, heads, rows, d}, t.options().dtype(at::kFloat));
   float* dst = packed.data_ptr<float>();
   const int64_t sb = t4.stride(0), sr = t4.stride(1), sh = t4.stride(2);
-  LLMKIT_DISPATCH_FLOAT_HALF_BF16(t.scalar_type(), "flash_attention (pack heads)", [&] {
-    const scalar_t* src = t4.const_data_ptr<scalar_t>();
+  auto pack = [&](auto* src) {  // src: the input's first element, as c10::Half* or c10::BFloat16*
     at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
-        const scalar_t* head = src + (bh / heads) * sb + (bh % heads) * sh;
+        const auto* head = src + (bh / heads) * sb + (bh % heads) * sh;
         float* out = dst + bh * rows * d;
         for (int64_t r = 0; r < rows; ++r) widen_row(head + r * sr, out + r * d, d);
       }
     });
-  });
+  };
+  if (t.scalar_type() == at::kHalf) pack(t4.const_data_ptr<c10::Half>());
+  else pack(t4.const_data_ptr<c10::BFloat16>());  // the checks admit only fp32, fp16, bf16
   const at::Tensor view = packed.transpose(1, 2);
   return t.dim() == 4 ? view : view.squeeze(0);
 }
@@ -109,6 +104,24 @@ std::vector<int32_t> checked_offsets(const at::Tensor& cu, const char* name, int
 }
 
 }  // namespace
+
+// Points `p` at q, k, v (already validated) with their strides.
+static void point_at_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, AttentionParams& p) {
+  const bool varlen = q.dim() == 3;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  if (varlen) {  // rows of all sequences back to back: no batch stride
+    p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = 0;
+    p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
+    p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
+    p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
+  } else {
+    p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+    p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+    p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  }
+}
 
 void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const c10::optional<at::Tensor>& cu_seqlens_q,
@@ -149,9 +162,6 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.scale = static_cast<float>(softmax_scale);
   p.window_left = window_left;
   p.window_right = window_right;
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
   if (varlen) {
     const at::Tensor& cu_q = *cu_seqlens_q;
     const at::Tensor& cu_k = *cu_seqlens_k;
@@ -169,9 +179,6 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.seqlen_k = max_seqlen_k;
     p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
     p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
-    p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
-    p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
-    p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
     if (global_tokens.has_value()) {
       TORCH_CHECK_VALUE(offsets_q == offsets_k, op,
                         ": global_tokens need self-attention: cu_seqlens_q must equal cu_seqlens_k");
@@ -188,9 +195,6 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.batch = q.size(0);
     p.seqlen_q = q.size(1);
     p.seqlen_k = k.size(1);
-    p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
-    p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
-    p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
     if (global_tokens.has_value()) {
       TORCH_CHECK_VALUE(p.seqlen_q == p.seqlen_k, op,
                         ": global_tokens need self-attention (seqlen_q == seqlen_k), got ", p.seqlen_q, " and ",
@@ -205,6 +209,7 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
       p.global_batch_stride = p.seqlen_q;
     }
   }
+  point_at_qkv(q, k, v, p);
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, bool varlen, AttentionParams& p) {
@@ -224,10 +229,8 @@ std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, bool va
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> describe_backward(const at::Tensor& dout, const at::Tensor& q,
-                                                                 const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& out, const at::Tensor& lse,
-                                                                 bool varlen, AttentionGradParams& p) {
+static void check_backward_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                         bool varlen, const AttentionParams& p) {
   const char* op = "flash_attention_backward";
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
                     ": dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
@@ -242,6 +245,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> describe_backward(const at::Tenso
                         lse.stride(-1) == 1,
                     op, ": lse must be the forward's float32 ", at::IntArrayRef(lse_shape), ", got ",
                     lse.scalar_type(), " ", lse.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> describe_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 bool varlen, AttentionGradParams& p) {
+  check_backward_args(dout, q, out, lse, varlen, p);
   p.out = const_cast<void*>(out.const_data_ptr());
   p.lse = const_cast<float*>(lse.const_data_ptr<float>());
   p.dout = dout.const_data_ptr();
@@ -292,8 +302,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
   const at::ScalarType dtype = q.scalar_type();
   if (!q.is_cuda()) {
     q = cpu_operand(q), k = cpu_operand(k), v = cpu_operand(v);
-    check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                       window_right, global_tokens, p);
+    point_at_qkv(q, k, v, p);
   }
   auto [out, lse] = allocate_outputs(q, varlen, p);
   if (q.is_cuda()) {
@@ -326,10 +335,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   const bool varlen = cu_seqlens_q.has_value();
   const at::ScalarType dtype = q.scalar_type();
   if (!q.is_cuda()) {
-    describe_backward(dout, q, k, v, out, lse, varlen, p);  // validates before converting
+    check_backward_args(dout, q, out, lse, varlen, p);  // before converting: errors name the inputs
     q = cpu_operand(q), k = cpu_operand(k), v = cpu_operand(v), dout = cpu_operand(dout), out = cpu_operand(out);
-    check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                       window_right, global_tokens, p);
+    point_at_qkv(q, k, v, p);
   }
   auto [dq, dk, dv] = describe_backward(dout, q, k, v, out, lse, varlen, p);
   if (q.is_cuda()) {
