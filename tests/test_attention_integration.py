@@ -347,3 +347,14 @@ def test_kernel_calls_counts_only_kernel_runs():
     with torch.no_grad():
         ours(torch.randint(0, 100, (1, 16)))
     assert llmkit_hf.kernel_calls() == before + 2  # one call per layer
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"embed_dim": 64, "num_heads": 4, "num_kv_heads": 3}, "divisible"),
+    ({"embed_dim": 64, "num_heads": 0}, ">= 1"),
+    ({"embed_dim": 72, "num_heads": 2}, "multiple of 8"),  # head_dim 36
+    ({"embed_dim": 64, "num_heads": 1, "head_dim": 512}, "up to 256"),
+])
+def test_attention_module_rejects_bad_shapes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llmkit.nn.Attention(**kwargs)

@@ -39,12 +39,16 @@ class Attention(nn.Module):
                  window: tuple[int, int] = (-1, -1), rope: bool = False, rope_base: float = 10000.0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(f"num_heads and num_kv_heads must be >= 1, got {num_heads} and {num_kv_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads}); pass head_dim")
             head_dim = embed_dim // num_heads
+        if head_dim % 8 or not 0 < head_dim <= 256:
+            raise ValueError(f"head_dim must be a multiple of 8 up to 256 (the kernel's limit), got {head_dim}")
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.causal = causal
         self.window = tuple(window)
