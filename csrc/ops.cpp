@@ -25,6 +25,41 @@ TORCH_LIBRARY(llmkit, m) {
   // bitsandbytes' quantize_blockwise: nearest of 256 sorted codes of x / absmax(block).
   m.def("quantize_blockwise_8bit(Tensor input, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
 
+  // ---- quant: fused NF4 matmul (QLoRA's frozen base) ----
+  // W = dequant(packed) of shape (out_features, in_features); x (..., in_features)
+  // fp32/fp16/bf16, bias (out_features,) of x's dtype or None; returns
+  // x @ W.T + bias in x's dtype without materialising W (fp32 accumulation).
+  // A GEMV path for few rows (decode), a tiled path (dequantised tiles + GEMM) for many.
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, int nested_blocksize=256, "
+      "Tensor? bias=None) -> Tensor");
+  // The gradient to x of nf4_linear: grad_out (..., out_features) @ W -> (..., in_features).
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int blocksize, SymInt[] shape, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256) -> Tensor");
+
+  // ---- lora: fused LoRA over a dense or an NF4 frozen base ----
+  // Inverted dropout whose mask is a pure function of (seed, flat index)
+  // (lora/lora.h): x * keep / (1 - p). The backward regenerates the mask from
+  // the seed instead of saving it.
+  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
+  // y = base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T, base = x @ W.T + bias,
+  // W dense (`weight`) or NF4 (`packed` + state, as nf4_linear); exactly one is given.
+  // lora_A (r, in_features), lora_B (out_features, r); all float tensors share x's dtype.
+  m.def(
+      "lora_linear(Tensor x, Tensor? weight, Tensor? packed, Tensor? absmax, int blocksize, SymInt[] shape, "
+      "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor? bias, "
+      "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed) -> Tensor");
+  // (grad_x, grad_A, grad_B) from x and the seed only (the frozen base gets none);
+  // grad_x is an empty tensor when compute_grad_x is false.
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? packed, Tensor? absmax, "
+      "int blocksize, SymInt[] shape, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+      "int nested_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+      "bool compute_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
+
   // ---- attention: flash attention, sliding window, Longformer global tokens ----
   // Fixed length: q (b, sq, hq, d), k/v (b, sk, hk, d), cu_seqlens None, lse (b, hq, sq).
   // Varlen: q (total_q, hq, d), k/v (total_k, hk, d), int32 cu_seqlens (b + 1), lse (hq, total_q).

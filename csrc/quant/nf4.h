@@ -115,6 +115,20 @@ void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::Scal
                           const at::Tensor& packed);
 void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, int64_t blocksize);
 
+// nf4_linear / nf4_linear_grad_input: checks `input` (x of (..., in_features),
+// or grad_out of (..., out_features) when `is_grad_out`) and `bias` against the
+// NF4 state of a 2-D weight `shape` = (out_features, in_features).
+struct NF4LinearShape {
+  int64_t out_features;
+  int64_t in_features;
+};
+NF4LinearShape check_nf4_linear_args(const char* op, const at::Tensor& input, bool is_grad_out,
+                                     const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                     at::IntArrayRef shape, const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                     const std::optional<at::Tensor>& bias);
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace llmkit::quant

@@ -97,4 +97,36 @@ void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, i
   TORCH_CHECK_VALUE(input.numel() > 0, "quantize_blockwise_8bit: cannot quantize an empty tensor");
 }
 
+NF4LinearShape check_nf4_linear_args(const char* op, const at::Tensor& input, bool is_grad_out,
+                                     const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                     at::IntArrayRef shape, const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                                     const std::optional<at::Tensor>& bias) {
+  const char* name = is_grad_out ? "grad_out" : "x";
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_VALUE(shape.size() == 2, op, ": the NF4 weight must be 2-D (out_features, in_features), its state says ",
+                    shape);
+  check_dequantize_nf4_args(packed, absmax, blocksize, shape, at::kFloat, nested_absmax, nested_code, offset,
+                            nested_blocksize);
+  const NF4LinearShape s{shape[0], shape[1]};
+  TORCH_CHECK_VALUE(input.dim() >= 1, op, ": ", name, " must have at least one dimension");
+  const int64_t features = is_grad_out ? s.out_features : s.in_features;
+  TORCH_CHECK_VALUE(input.size(-1) == features, op, ": ", name, " has ", input.size(-1),
+                    " features in its last dimension but the weight ", shape, " needs ", features);
+  TORCH_CHECK_VALUE(input.device() == packed.device(), op, ": ", name, " is on ", input.device(),
+                    " but the NF4 weight is on ", packed.device());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_TYPE(b.scalar_type() == dt, op, ": bias has dtype ", b.scalar_type(), " but x has ", dt);
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == s.out_features, op, ": bias must have shape (",
+                      s.out_features, ",), got ", b.sizes());
+    TORCH_CHECK_VALUE(b.device() == packed.device(), op, ": bias is on ", b.device(), " but the NF4 weight is on ",
+                      packed.device());
+  }
+  return s;
+}
+
 }  // namespace llmkit::quant

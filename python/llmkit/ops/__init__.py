@@ -6,7 +6,8 @@ for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
 
 from . import reference
 from .attention import flash_attention, flash_attention_varlen
-from .quant import dequantize_nf4, quantize_blockwise_8bit, quantize_nf4
+from .lora import lora_dropout, lora_linear
+from .quant import dequantize_nf4, nf4_linear, quantize_blockwise_8bit, quantize_nf4
 from .quant_state import NestedState, NF4State, dynamic_map, nf4_code
 
 __all__ = [
@@ -15,6 +16,9 @@ __all__ = [
     "quantize_nf4",
     "dequantize_nf4",
     "quantize_blockwise_8bit",
+    "nf4_linear",
+    "lora_linear",
+    "lora_dropout",
     "NF4State",
     "NestedState",
     "dynamic_map",

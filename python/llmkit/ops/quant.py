@@ -134,3 +134,81 @@ def _quantize_blockwise_8bit_fake(input, code, blocksize):
     return input.new_empty(input.shape, dtype=torch.uint8), input.new_empty(
         ((n + blocksize - 1) // blocksize,), dtype=torch.float32
     )
+
+
+# ---------------------------------------------------------- fused matmul --
+
+
+def as_nf4_state(state) -> NF4State:
+    """An :class:`NF4State` from ours or a bitsandbytes ``QuantState`` (NF4)."""
+    if isinstance(state, NF4State):
+        return state
+    if hasattr(state, "quant_type") and hasattr(state, "absmax"):
+        return NF4State.from_bnb(state)
+    raise TypeError(f"state must be an NF4State or a bitsandbytes QuantState, got {type(state).__name__}")
+
+
+def nf4_op_args(packed: torch.Tensor, state) -> list:
+    """The NF4 weight arguments of the fused ops (``packed, absmax, blocksize,
+    shape, nested_absmax, nested_code, offset, nested_blocksize``), checked."""
+    state = as_nf4_state(state)
+    _check_tensor("packed", packed)
+    _check_tensor("state.absmax", state.absmax, packed)
+    if len(state.shape) != 2:
+        raise ValueError(f"an NF4 linear weight must be 2-D (out_features, in_features), the state says {tuple(state.shape)}")
+    if state.state2 is None:
+        return [packed, state.absmax, state.blocksize, list(state.shape), None, None, None, NESTED_BLOCKSIZE]
+    s2 = state.state2
+    return [packed, state.absmax, state.blocksize, list(state.shape), s2.absmax, s2.code, state.offset, s2.blocksize]
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize_nf4(packed, state).T + bias`` without materialising the weight.
+
+    The QLoRA frozen-base product (bitsandbytes' ``matmul_4bit``): `packed`
+    and `state` hold an NF4 weight of shape (out_features, in_features); x is
+    (..., in_features) in float32/float16/bfloat16; the result has x's dtype,
+    accumulated in float32. Few rows (decoding) take a GEMV that decodes the
+    4-bit codes in registers; many rows dequantize cache-sized tiles into a
+    GEMM. Differentiable with respect to x (the gradient flows through the
+    frozen weight, as QLoRA needs) and bias; never with respect to the weight.
+    """
+    _check_tensor("x", x)
+    args = nf4_op_args(packed, state)
+    if bias is not None:
+        _check_tensor("bias", bias, packed)
+    return torch.ops.llmkit.nf4_linear(x, *args, bias)
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    ctx.args = (blocksize, shape, nested_blocksize)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _nf4_linear_backward(ctx, grad_out):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, shape, nested_blocksize = ctx.args
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.llmkit.nf4_linear_grad_input(
+            grad_out, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize)
+    if ctx.bias_needs_grad:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("llmkit::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)
+
+
+@torch.library.register_fake("llmkit::nf4_linear")
+def _nf4_linear_fake(x, packed, absmax, blocksize, shape, nested_absmax=None, nested_code=None, offset=None,
+                     nested_blocksize=256, bias=None):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("llmkit::nf4_linear_grad_input")
+def _nf4_linear_grad_input_fake(grad_out, packed, absmax, blocksize, shape, nested_absmax=None, nested_code=None,
+                                offset=None, nested_blocksize=256):
+    return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))

@@ -177,3 +177,65 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     out = torch.cat(outs) if outs else q.new_zeros(q.shape)
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0)
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------ NF4 matmul --
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of :func:`llmkit.ops.nf4_linear`: ``x @ dequant(W).T + bias`` in float64."""
+    w = dequantize_nf4(packed, state, torch.float32).double()
+    y = x.double() @ w.T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def nf4_linear_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """Reference of the gradient to x of :func:`llmkit.ops.nf4_linear`: ``grad_out @ dequant(W)`` in float64."""
+    return grad_out.double() @ dequantize_nf4(packed, state, torch.float32).double()
+
+
+# ------------------------------------------------------------------ LoRA --
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def lora_dropout_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
+    """The keep mask of :func:`llmkit.ops.lora_dropout` (csrc/lora/lora.h): element
+    i (row-major) is kept when the top 24 bits of splitmix64(seed + i * golden)
+    are >= floor(p * 2**24)."""
+    import numpy as np
+
+    n = int(torch.Size(shape).numel())
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    bits = (z >> np.uint64(40)).astype(np.int64)
+    keep = bits >= int(p * 16777216.0)
+    return torch.from_numpy(keep).reshape(shape).to(device)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Reference of :func:`llmkit.ops.lora_dropout` in float64."""
+    if p == 0:
+        return x.double()
+    keep = lora_dropout_keep(x.shape, p, seed, x.device)
+    return x.double() * keep / (1.0 - p)
+
+
+def lora_linear(x, base, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Reference of :func:`llmkit.ops.lora_linear` in float64: ``base(x) +
+    scaling * dropout(x) @ A.T @ B.T``; `base` is a dense weight or ``(packed, state)``."""
+    if isinstance(base, torch.Tensor):
+        y = x.double() @ base.double().T
+        if bias is not None:
+            y = y + bias.double()
+    else:
+        y = nf4_linear(x, base[0], base[1], bias)
+    xd = lora_dropout(x, dropout_p, seed)
+    return y + scaling * (xd @ lora_A.double().T) @ lora_B.double().T

@@ -1,0 +1,386 @@
+// CPU kernels of the fused NF4 matmul (QLoRA's frozen base layer):
+//   nf4_linear:             y  = x @ W^T + bias    x (M x K), W (N x K) in NF4
+//   nf4_linear_grad_input:  dx = dy @ W            dy (M x N)
+// W is never materialised in full precision. Three paths, by the number of rows M:
+//   * decode GEMV (forward, M <= gemv_rows, K % blocksize == 0, AVX2): threads
+//     own output features; nibbles are decoded in registers and multiplied
+//     straight into x (pre-shuffled into the order nibbles decode in), the block
+//     scale applied once per block. It reads 4.5 bits per weight instead of 32:
+//     the batch-1 decode step is bound by that read, not by the FLOPs.
+//   * small-M tiles (M <= small_rows): each thread dequantizes L2-sized tiles
+//     of W into its own buffer and runs a single-threaded sgemm on each. The
+//     forward tiles rows of W (a thread owns output columns), the backward tiles
+//     columns (a thread owns columns of dx), so no two threads write one output
+//     and the result does not depend on the thread count.
+//   * large-M chunks: W is dequantized a few MiB at a time by all threads, and
+//     each chunk goes to a multithreaded sgemm; the O(N K) dequantization is
+//     noise next to the O(M N K) product, and x is re-packed once per chunk.
+// All paths compute in fp32 (fp16/bf16 inputs are widened once, the result
+// narrowed), as bitsandbytes' matmul_4bit accumulates in fp32.
+// LLMKIT_NF4_LINEAR="gemv_rows,small_rows,chunk_kib" overrides the thresholds (tuning).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "common/cpu_blas.h"
+#include "quant/nf4.h"
+#include "quant/nf4_cpu_simd.h"
+
+namespace llmkit::quant {
+namespace {
+
+struct LinearPaths {
+  int64_t gemv_rows = 4;          // decode GEMV up to this many rows of x
+  int64_t small_rows = 16;        // per-thread L2 tiles up to this many
+  int64_t chunk_bytes = 8 << 20;  // fp32 bytes of W dequantized at once (large M)
+};
+
+LinearPaths linear_paths() {
+  static const LinearPaths paths = [] {
+    LinearPaths p;
+    if (const char* env = std::getenv("LLMKIT_NF4_LINEAR")) {
+      long g = 0, s = 0, c = 0;
+      if (std::sscanf(env, "%ld,%ld,%ld", &g, &s, &c) == 3 && g >= 0 && s >= 0 && c > 0) {
+        p = {g, s, static_cast<int64_t>(c) << 10};
+      }
+    }
+    return p;
+  }();
+  return paths;
+}
+
+// Per-thread tile budget of the small-M paths: fits a core's L2 with x beside it.
+constexpr int64_t kTileBytes = 256 << 10;
+
+// The state of one NF4 weight, as raw pointers.
+struct NF4Matrix {
+  const uint8_t* packed;
+  BlockScales scales;
+  int64_t blocksize;
+  int64_t rows;  // N, out_features
+  int64_t cols;  // K, in_features
+};
+
+// ---------------------------------------------- dequantize a flat range --
+// Elements [e0, e1) of the flat weight into out[0 .. e1 - e0) as fp32. The
+// range may start mid-block or on a low nibble (rows of a weight whose K is
+// not a multiple of the blocksize); values equal dequantize_nf4's exactly.
+
+void dequant_flat_range_scalar(const NF4Matrix& w, int64_t e0, int64_t e1, float* out) {
+  for (int64_t e = e0; e < e1;) {
+    const int64_t b = e / w.blocksize, end = std::min(e1, (b + 1) * w.blocksize);
+    const float scale = w.scales(b);
+    if (e & 1) {  // a range starting on a low nibble
+      *out++ = kNF4Codes[w.packed[e / 2] & 15] * scale;
+      if (++e == end) continue;
+    }
+    dequantize_bytes_scalar(w.packed + e / 2, end - e, scale, out);
+    out += end - e;
+    e = end;
+  }
+}
+
+#ifdef LLMKIT_X86
+LLMKIT_AVX2 void dequant_flat_range_avx2(const NF4Matrix& w, int64_t e0, int64_t e1, float* out) {
+  for (int64_t e = e0; e < e1;) {
+    const int64_t b = e / w.blocksize, end = std::min(e1, (b + 1) * w.blocksize);
+    const float scale = w.scales(b);
+    if (e & 1) {
+      *out++ = kNF4Codes[w.packed[e / 2] & 15] * scale;
+      if (++e == end) continue;
+    }
+    dequantize_bytes_avx2(w.packed + e / 2, end - e, scale, out);
+    out += end - e;
+    e = end;
+  }
+}
+#endif
+
+void dequant_flat_range(const NF4Matrix& w, int64_t e0, int64_t e1, float* out, bool simd) {
+#ifdef LLMKIT_X86
+  if (simd) return dequant_flat_range_avx2(w, e0, e1, out);
+#endif
+  dequant_flat_range_scalar(w, e0, e1, out);
+}
+
+// Rows [r0, r1), columns [c0, c1) of W into a dense (r1 - r0) x (c1 - c0) tile.
+void dequant_tile(const NF4Matrix& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* tile, bool simd) {
+  const int64_t width = c1 - c0;
+  if (c0 == 0 && c1 == w.cols) return dequant_flat_range(w, r0 * w.cols, r1 * w.cols, tile, simd);
+  for (int64_t r = r0; r < r1; ++r) dequant_flat_range(w, r * w.cols + c0, r * w.cols + c1, tile + (r - r0) * width, simd);
+}
+
+// ------------------------------------------------------- decode GEMV --
+#ifdef LLMKIT_X86
+// The GEMV's dot products use FMA (accuracy is an fp32 bound here, not the
+// format's bit-exact rounding that the dequantize path keeps FMA-free for).
+#define LLMKIT_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
+
+LLMKIT_AVX2_FMA LLMKIT_INLINE float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x rows as the decoder wants them: in every 16-element group, the 8 even
+// elements (high nibbles) and then the 8 odd ones (low nibbles).
+void shuffle_for_decode(const float* x, int64_t rows, int64_t k, float* xs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = x + r * k;
+    float* dst = xs + r * k;
+    for (int64_t g = 0; g < k; g += 16) {
+      for (int i = 0; i < 8; ++i) {
+        dst[g + i] = src[g + 2 * i];
+        dst[g + 8 + i] = src[g + 2 * i + 1];
+      }
+    }
+  }
+}
+
+// Output features [n0, n1) for R rows of x (shuffled, row stride K). With
+// K % blocksize == 0 every row of W starts on a byte and on a block, and a
+// block is a whole number of 16-element groups (blocksize >= 32).
+// Independent accumulators per nibble half (and, for one row, per group pair)
+// keep the FMA latency chains short.
+template <int R>
+LLMKIT_AVX2_FMA void decode_gemv_avx2(const NF4Matrix& w, const float* xs, const float* bias, int64_t n0, int64_t n1,
+                                  float* out, int64_t ldo) {
+  constexpr int U = R == 1 ? 2 : 1;  // 16-element groups per step
+  const int64_t K = w.cols, bs = w.blocksize, blocks_per_row = K / bs;
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4Codes);
+  const __m256 lut_hi = _mm256_loadu_ps(kNF4Codes + 8);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.packed + n * (K / 2);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < blocks_per_row; ++j) {
+      const uint8_t* bytes = row + j * (bs / 2);
+      const float* xb = xs + j * bs;
+      __m256 hi_acc[R][U], lo_acc[R][U];
+      for (int r = 0; r < R; ++r) {
+        for (int u = 0; u < U; ++u) hi_acc[r][u] = lo_acc[r][u] = _mm256_setzero_ps();
+      }
+      for (int64_t g = 0; g < bs; g += 16 * U) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t e = g + 16 * u;
+          const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + e / 2)));
+          const __m256 vh = nf4_lookup_avx2(lut_lo, lut_hi, _mm256_srli_epi32(codes, 4));
+          const __m256 vl = nf4_lookup_avx2(lut_lo, lut_hi, _mm256_and_si256(codes, low4));
+          for (int r = 0; r < R; ++r) {
+            hi_acc[r][u] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xb + r * K + e), hi_acc[r][u]);
+            lo_acc[r][u] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xb + r * K + e + 8), lo_acc[r][u]);
+          }
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(w.scales(n * blocks_per_row + j));
+      for (int r = 0; r < R; ++r) {
+        __m256 block = _mm256_add_ps(hi_acc[r][0], lo_acc[r][0]);
+        if constexpr (U == 2) block = _mm256_add_ps(block, _mm256_add_ps(hi_acc[r][1], lo_acc[r][1]));
+        acc[r] = _mm256_fmadd_ps(block, scale, acc[r]);
+      }
+    }
+    const float b = bias != nullptr ? bias[n] : 0.0f;
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = hsum_avx2(acc[r]) + b;
+  }
+}
+
+void decode_gemv(const NF4Matrix& w, const float* xs, int64_t rows, const float* bias, int64_t n0, int64_t n1,
+                 float* out, int64_t ldo) {
+  switch (rows) {
+    case 1: return decode_gemv_avx2<1>(w, xs, bias, n0, n1, out, ldo);
+    case 2: return decode_gemv_avx2<2>(w, xs, bias, n0, n1, out, ldo);
+    case 3: return decode_gemv_avx2<3>(w, xs, bias, n0, n1, out, ldo);
+    default: return decode_gemv_avx2<4>(w, xs, bias, n0, n1, out, ldo);
+  }
+}
+#endif  // LLMKIT_X86
+
+// ------------------------------------------------------------ forward --
+
+void linear_forward_fp32(const NF4Matrix& w, const float* x, int64_t M, const float* bias, float* out) {
+  const int64_t N = w.rows, K = w.cols;
+  const LinearPaths paths = linear_paths();
+  const bool simd = use_simd();
+  if (M == 0) return;
+
+#ifdef LLMKIT_X86
+  if (simd && M <= paths.gemv_rows && K % w.blocksize == 0) {
+    std::vector<float> xs(M * K);
+    shuffle_for_decode(x, M, K, xs.data());
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t r = 0; r < M; r += 4) {
+        decode_gemv(w, xs.data() + r * K, std::min<int64_t>(4, M - r), bias, n0, n1, out + r * N, N);
+      }
+    });
+    return;
+  }
+#endif
+
+  if (M <= paths.small_rows) {
+    const int64_t tile_rows = std::clamp<int64_t>(kTileBytes / (4 * K), 1, N);
+    const int64_t tiles = ceil_div(N, tile_rows);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      const SingleThreadedBlas single_threaded_blas;
+      std::vector<float> tile(tile_rows * K);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * tile_rows, r1 = std::min(N, r0 + tile_rows);
+        dequant_tile(w, r0, r1, 0, K, tile.data(), simd);
+        gemm(false, true, M, r1 - r0, K, 1.0f, x, K, tile.data(), K, 0.0f, out + r0, N);
+      }
+    });
+  } else {
+    const int64_t chunk_rows = std::clamp<int64_t>(paths.chunk_bytes / (4 * K), 1, N);
+    std::vector<float> chunk(chunk_rows * K);
+    for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+      const int64_t r1 = std::min(N, r0 + chunk_rows);
+      at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
+        dequant_tile(w, a, b, 0, K, chunk.data() + (a - r0) * K, simd);
+      });
+      gemm(false, true, M, r1 - r0, K, 1.0f, x, K, chunk.data(), K, 0.0f, out + r0, N);
+    }
+  }
+  if (bias != nullptr) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = out + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] += bias[n];
+    }
+  }
+}
+
+// ----------------------------------------------------------- backward --
+
+void linear_grad_input_fp32(const NF4Matrix& w, const float* dy, int64_t M, float* dx) {
+  const int64_t N = w.rows, K = w.cols;
+  const LinearPaths paths = linear_paths();
+  const bool simd = use_simd();
+  if (M == 0) return;
+
+  if (M <= paths.small_rows) {
+    // Threads own column panels of dx; each panel walks W's rows in L2-sized tiles.
+    const int64_t panel = std::min<int64_t>(K, 128);
+    const int64_t tile_rows = std::clamp<int64_t>(kTileBytes / (4 * panel), 1, N);
+    at::parallel_for(0, ceil_div(K, panel), 1, [&](int64_t p0, int64_t p1) {
+      const SingleThreadedBlas single_threaded_blas;
+      std::vector<float> tile(tile_rows * panel);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c0 = p * panel, c1 = std::min(K, c0 + panel);
+        for (int64_t r0 = 0; r0 < N; r0 += tile_rows) {
+          const int64_t r1 = std::min(N, r0 + tile_rows);
+          dequant_tile(w, r0, r1, c0, c1, tile.data(), simd);
+          gemm(false, false, M, c1 - c0, r1 - r0, 1.0f, dy + r0, N, tile.data(), c1 - c0, r0 == 0 ? 0.0f : 1.0f,
+               dx + c0, K);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t chunk_rows = std::clamp<int64_t>(paths.chunk_bytes / (4 * K), 1, N);
+  std::vector<float> chunk(chunk_rows * K);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t r1 = std::min(N, r0 + chunk_rows);
+    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
+      dequant_tile(w, a, b, 0, K, chunk.data() + (a - r0) * K, simd);
+    });
+    gemm(false, false, M, K, r1 - r0, 1.0f, dy + r0, N, chunk.data(), K, r0 == 0 ? 0.0f : 1.0f, dx, K);
+  }
+}
+
+// ---------------------------------------------------------------- ops --
+
+struct NF4Operands {
+  at::Tensor packed, absmax, absmax2, code2;  // keep contiguous copies alive
+  NF4Matrix matrix;
+};
+
+NF4Operands nf4_operands(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                         const NF4LinearShape& s, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                         int64_t nested_blocksize) {
+  NF4Operands ops;
+  ops.packed = packed.contiguous();
+  ops.absmax = absmax.contiguous();
+  NF4Matrix& m = ops.matrix;
+  m.packed = ops.packed.const_data_ptr<uint8_t>();
+  m.blocksize = blocksize;
+  m.rows = s.out_features;
+  m.cols = s.in_features;
+  if (nested_absmax.has_value()) {
+    ops.absmax2 = nested_absmax->contiguous();
+    ops.code2 = nested_code->contiguous();
+    m.scales.q = ops.absmax.const_data_ptr<uint8_t>();
+    m.scales.absmax2 = ops.absmax2.const_data_ptr<float>();
+    m.scales.code2 = ops.code2.const_data_ptr<float>();
+    m.scales.offset = offset->item<float>();
+    m.scales.nested_blocksize = nested_blocksize;
+  } else {
+    m.scales.absmax = ops.absmax.const_data_ptr<float>();
+  }
+  return ops;
+}
+
+void check_cpu(const char* op, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.device().is_cpu(), op, ": expected CPU tensors, got ", input.device());
+}
+
+// The leading dimensions of `input` with a new last dimension.
+std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t last) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          int64_t blocksize, c10::SymIntArrayRef shape_,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                          int64_t nested_blocksize, const std::optional<at::Tensor>& bias) {
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
+  const NF4LinearShape s = check_nf4_linear_args("nf4_linear", x, false, packed, absmax, blocksize, shape,
+                                                 nested_absmax, nested_code, offset, nested_blocksize, bias);
+  check_cpu("nf4_linear", x);
+  const NF4Operands w = nf4_operands(packed, absmax, blocksize, s, nested_absmax, nested_code, offset,
+                                     nested_blocksize);
+  const at::Tensor x2 = x.reshape({-1, s.in_features}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor out = at::empty({M, s.out_features}, x.options().dtype(at::kFloat));
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  linear_forward_fp32(w.matrix, x2.const_data_ptr<float>(), M, bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr,
+                      out.data_ptr<float>());
+  return out.to(x.scalar_type()).reshape(with_last_dim(x, s.out_features));
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                     int64_t blocksize, c10::SymIntArrayRef shape_,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+  const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
+  const NF4LinearShape s = check_nf4_linear_args("nf4_linear_grad_input", grad_out, true, packed, absmax, blocksize,
+                                                 shape, nested_absmax, nested_code, offset, nested_blocksize,
+                                                 std::nullopt);
+  check_cpu("nf4_linear_grad_input", grad_out);
+  const NF4Operands w = nf4_operands(packed, absmax, blocksize, s, nested_absmax, nested_code, offset,
+                                     nested_blocksize);
+  const at::Tensor dy = grad_out.reshape({-1, s.out_features}).to(at::kFloat).contiguous();
+  const int64_t M = dy.size(0);
+  at::Tensor dx = at::empty({M, s.in_features}, grad_out.options().dtype(at::kFloat));
+  linear_grad_input_fp32(w.matrix, dy.const_data_ptr<float>(), M, dx.data_ptr<float>());
+  return dx.to(grad_out.scalar_type()).reshape(with_last_dim(grad_out, s.in_features));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmkit, CPU, m) {
+  m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+}
+
+}  // namespace llmkit::quant
