@@ -76,6 +76,27 @@ for dtype in (torch.float32, torch.bfloat16):
 torch.cuda.synchronize()
 print("sanitize attention done")
 PYEOF
+    log "compute-sanitizer memcheck (small nf4_linear GEMV / tiled / grad_input, lora_linear + dropout)"
+    cat > "$OUT_DIR/sanitize_lora.py" <<'PYEOF'
+import torch, llmkit
+from llmkit.ops import quantize_nf4, nf4_linear, lora_linear
+for n, k in [(67, 130), (96, 256)]:
+    w = torch.randn(n, k, device="cuda") * 0.05
+    for dq in (False, True):
+        packed, state = quantize_nf4(w, 64, dq)
+        for rows in (1, 3, 40):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, k, device="cuda", dtype=dtype, requires_grad=True)
+                nf4_linear(x, packed, state).sum().backward()
+                A = torch.randn(8, k, device="cuda", dtype=dtype, requires_grad=True)
+                B = torch.randn(n, 8, device="cuda", dtype=dtype, requires_grad=True)
+                lora_linear(x, (packed, state), None, A, B, 2.0, dropout_p=0.1, seed=3).sum().backward()
+                lora_linear(x, w.to(dtype), None, A, B, 2.0).sum().backward()
+torch.cuda.synchronize()
+print("sanitize lora done")
+PYEOF
+    timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY "$OUT_DIR/sanitize_lora.py" > "$OUT_DIR/lora-memcheck.log" 2>&1
+    log "nf4_linear / lora memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/lora-memcheck.log" | tail -1)"
     for tool in memcheck racecheck; do
         timeout 240 compute-sanitizer --tool $tool --error-exitcode 3 $PY "$OUT_DIR/sanitize_attention.py" \
             > "$OUT_DIR/attention-$tool.log" 2>&1
@@ -86,7 +107,7 @@ else
 fi
 
 log "benchmarks"
-timeout 240 $PY -m llmkit.bench nf4 attention --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
+timeout 300 $PY -m llmkit.bench nf4 attention lora --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
 log "bench exit $?"
 tail -60 "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
 log "done; results in $OUT_DIR"

@@ -191,12 +191,14 @@ def nf4_cases(opts: RunOptions) -> list[Case]:
                                 "blocksize": BLOCKSIZE, "double_quant": double_quant},
                         check=check_quantized if quantize else check_dequantized,
                     ))
-    return cases
+    from .nf4_linear import nf4_linear_cases  # the fused matmul, in the same run
+
+    return cases + nf4_linear_cases(opts)
 
 
 register(Benchmark(
     name="nf4",
-    description="NF4 quantize/dequantize, blocksize 64 (dq = double quant); "
-                "GB/s = input read (quantize: float weight; dequantize: packed + absmax)",
+    description="NF4 quantize/dequantize and the fused nf4_linear, blocksize 64 (dq = double quant); "
+                "GB/s = input read (quantize: float weight; dequantize, nf4_linear: packed + absmax)",
     cases=nf4_cases,
 ))
