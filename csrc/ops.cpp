@@ -48,16 +48,18 @@ TORCH_LIBRARY(llmkit, m) {
   // y = base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T, base = x @ W.T + bias,
   // W dense (`weight`) or NF4 (`packed` + state, as nf4_linear); exactly one is given.
   // lora_A (r, in_features), lora_B (out_features, r); all float tensors share x's dtype.
+  // seed: the dropout seed as an int64 scalar tensor on the CPU, so that a
+  // compiled graph can draw it (torch.randint) on every call instead of baking one in.
   m.def(
       "lora_linear(Tensor x, Tensor? weight, Tensor? packed, Tensor? absmax, int blocksize, SymInt[] shape, "
       "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor? bias, "
-      "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed) -> Tensor");
+      "Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed) -> Tensor");
   // (grad_x, grad_A, grad_B) from x and the seed only (the frozen base gets none);
   // grad_x is an empty tensor when compute_grad_x is false.
   m.def(
       "lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? packed, Tensor? absmax, "
       "int blocksize, SymInt[] shape, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
-      "int nested_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, int seed, "
+      "int nested_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, "
       "bool compute_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 
   // ---- attention: flash attention, sliding window, Longformer global tokens ----

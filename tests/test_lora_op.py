@@ -118,7 +118,7 @@ def test_backward_keeps_only_x_and_the_weights():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         llmkit.ops.lora_linear(x, base, bias, A, B, 1.0, dropout_p=0.1, seed=5)
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([(30, 80), (48, 80), (8, 80), (48, 8)])
+    assert shapes == sorted([(30, 80), (48, 80), (8, 80), (48, 8), ()])  # () is the dropout seed
     assert any(t is x for t in saved)
 
 
@@ -170,12 +170,32 @@ def test_opcheck(device, nf4):
     from llmkit.ops.lora import _base_args
 
     x = torch.randn(3, 64, device=device, requires_grad=True)
-    args = (x, *_base_args(base), bias, A, B, 0.5, 0.2, 17)
+    seed = torch.tensor(17)
+    args = (x, *_base_args(base), bias, A, B, 0.5, 0.2, seed)
     torch.library.opcheck(torch.ops.llmkit.lora_linear.default, args)
     dy = torch.randn(3, 24, device=device)
     torch.library.opcheck(torch.ops.llmkit.lora_linear_backward.default,
-                          (dy, x.detach(), *_base_args(base), A.detach(), B.detach(), 0.5, 0.2, 17, True))
+                          (dy, x.detach(), *_base_args(base), A.detach(), B.detach(), 0.5, 0.2, seed, True))
     torch.library.opcheck(torch.ops.llmkit.lora_dropout.default, (torch.randn(5, 7, device=device), 0.4, 3))
+
+
+def test_torch_compile_fullgraph_draws_a_fresh_dropout_seed_per_call(device):
+    base, bias, A, B = make_layer(24, 64, 4, device, False)
+    compiled = torch.compile(lambda x: llmkit.ops.lora_linear(x, base, bias, A, B, 0.5, dropout_p=0.5),
+                             fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 64, device=device)
+    assert not torch.equal(compiled(x), compiled(x))
+
+
+def test_seeds_are_taken_modulo_2_64():
+    x = torch.randn(7, 9)
+    torch.testing.assert_close(llmkit.ops.lora_dropout(x, 0.5, 2**64 + 5), llmkit.ops.lora_dropout(x, 0.5, 5))
+    keep = reference.lora_dropout_keep(x.shape, 0.5, 2**63 + 1)
+    torch.testing.assert_close(llmkit.ops.lora_dropout(x, 0.5, 2**63 + 1), torch.where(keep, 2 * x, 0 * x))
+    base, bias, A, B = make_layer(24, 9, 4, "cpu", False)
+    llmkit.ops.lora_linear(x, base, bias, A, B, 1.0, dropout_p=0.3, seed=2**63 + 7)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        llmkit.ops.lora_linear(x, base, bias, A, B, 1.0, dropout_p=0.3, seed=1.5)
 
 
 def test_torch_compile_fullgraph(device):

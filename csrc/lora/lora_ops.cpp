@@ -152,6 +152,13 @@ void check_lora_args(const char* op, const at::Tensor& x, const Base& base, cons
   check_dropout_p(dropout_p, op);
 }
 
+int64_t seed_value(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+                    ": seed must be a one-element int64 CPU tensor, got ", seed.scalar_type(), " ", seed.sizes(),
+                    " on ", seed.device());
+  return seed.item<int64_t>();
+}
+
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
   sizes.back() = last;
@@ -169,9 +176,10 @@ at::Tensor lora_linear(const at::Tensor& x, const OptT& weight, const OptT& pack
                        int64_t blocksize, c10::SymIntArrayRef shape, const OptT& nested_absmax,
                        const OptT& nested_code, const OptT& offset, int64_t nested_blocksize, const OptT& bias,
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
-                       int64_t seed) {
+                       const at::Tensor& seed_tensor) {
   const Base base{weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize};
   check_lora_args("lora_linear", x, base, bias, lora_A, lora_B, scaling, dropout_p);
+  const int64_t seed = seed_value(seed_tensor, "lora_linear");
   const at::Tensor x2 = x.reshape({-1, base.in_features()});
   at::Tensor y = base.forward(x2, bias);
   const at::Tensor u = at::mm(dropped(x2, dropout_p, seed), lora_A.t());  // M x r
@@ -183,9 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const OptT& weight, const OptT& packed, const OptT& absmax,
     int64_t blocksize, c10::SymIntArrayRef shape, const OptT& nested_absmax, const OptT& nested_code,
     const OptT& offset, int64_t nested_blocksize, const at::Tensor& lora_A, const at::Tensor& lora_B,
-    double scaling, double dropout_p, int64_t seed, bool compute_grad_x) {
+    double scaling, double dropout_p, const at::Tensor& seed_tensor, bool compute_grad_x) {
   const Base base{weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize};
   check_lora_args("lora_linear_backward", x, base, std::nullopt, lora_A, lora_B, scaling, dropout_p);
+  const int64_t seed = seed_value(seed_tensor, "lora_linear_backward");
   const int64_t K = base.in_features(), N = base.out_features();
   TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.numel() == x.numel() / K * N,
                     "lora_linear_backward: grad_out must have x's dtype and shape (..., ", N, ")");

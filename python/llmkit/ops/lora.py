@@ -19,12 +19,24 @@ from .quant import nf4_op_args
 _SEED_RANGE = 2**62
 
 
+def seed_tensor(seed) -> torch.Tensor:
+    """The op's seed argument: an int64 scalar on the CPU. Any Python int is
+    taken modulo 2**64 (the mask hash's arithmetic), as two's complement."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(()).cpu()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.tensor((seed + 2**63) % 2**64 - 2**63, dtype=torch.int64)
+
+
 def lora_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Inverted dropout whose mask is a pure function of ``(seed, flat index)``
     (csrc/lora/lora.h; :func:`llmkit.ops.reference.lora_dropout_keep` gives it):
     ``x * keep / (1 - p)``. Not differentiable on its own: lora_linear uses it."""
     check_tensor("x", x)
-    return torch.ops.llmkit.lora_dropout(x, float(p), int(seed))
+    return torch.ops.llmkit.lora_dropout(x, float(p), int(seed_tensor(seed)))
 
 
 def _base_args(base) -> list:
@@ -72,24 +84,26 @@ def lora_linear(x: torch.Tensor, base, bias: torch.Tensor | None, lora_A: torch.
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, _SEED_RANGE, (1,)).item())
+    if seed is None:
+        # Drawn as a tensor, not a Python int: under torch.compile the draw is
+        # part of the graph, so every call gets a fresh mask.
+        seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64) if p > 0.0 else torch.zeros((), dtype=torch.int64)
     return torch.ops.llmkit.lora_linear(x, *args, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), float(scaling), p,
-                                        int(seed or 0))
+                                        seed_tensor(seed))
 
 
 def _setup(ctx, inputs, output):
     (x, weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias,
      lora_A, lora_B, scaling, dropout_p, seed) = inputs
     # x, the adapters and the (frozen) base by reference: no activation but x is kept.
-    ctx.save_for_backward(x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
-    ctx.args = (blocksize, shape, nested_blocksize, scaling, dropout_p, seed)
+    ctx.save_for_backward(x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed)
+    ctx.args = (blocksize, shape, nested_blocksize, scaling, dropout_p)
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, grad_out):
-    x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
-    blocksize, shape, nested_blocksize, scaling, dropout_p, seed = ctx.args
+    x, weight, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed = ctx.saved_tensors
+    blocksize, shape, nested_blocksize, scaling, dropout_p = ctx.args
     grad_x, grad_A, grad_B = torch.ops.llmkit.lora_linear_backward(
         grad_out.contiguous(), x, weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset,
         nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, ctx.needs_input_grad[0])
