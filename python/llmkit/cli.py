@@ -2,7 +2,9 @@
 
     llmkit bench [NAME ...] [--quick] [--out DIR] [--repeats N] [--device D]
     llmkit info     build of llmkit (backends, torch, CUDA archs) as JSON
-    llmkit demo     quantize a real-sized layer to NF4 and benchmark it
+    llmkit demo     NF4, QLoRA fine-tune, attention, and their quick benchmarks
+    llmkit adapter info ADAPTER_DIR
+    llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main()
 
 
+def _adapter(args: argparse.Namespace) -> int:
+    from llmkit.adapt import cli
+
+    return cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.bench import add_arguments
 
@@ -43,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print build_info() as JSON")
     info.set_defaults(handler=_info)
 
-    demo = commands.add_parser("demo", help="NF4-quantize a GPT-2-sized layer, report errors and memory, benchmark")
+    demo = commands.add_parser("demo", help="NF4 round trip, a QLoRA fine-tune, attention; quick benchmarks")
     demo.set_defaults(handler=_demo)
+
+    from llmkit.adapt.cli import add_arguments as add_adapter_arguments
+
+    adapter = commands.add_parser("adapter", help="inspect a PEFT adapter directory or merge one into a model")
+    add_adapter_arguments(adapter)
+    adapter.set_defaults(handler=_adapter)
     return parser
 
 
