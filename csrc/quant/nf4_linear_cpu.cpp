@@ -35,7 +35,7 @@ namespace llmkit::quant {
 namespace {
 
 struct LinearPaths {
-  int64_t gemv_rows = 4;          // decode GEMV up to this many rows of x
+  int64_t gemv_rows = 8;          // decode GEMV up to this many rows of x (4 per pass)
   int64_t small_rows = 16;        // per-thread L2 tiles up to this many
   int64_t chunk_bytes = 8 << 20;  // fp32 bytes of W dequantized at once (large M)
 };
