@@ -239,3 +239,22 @@ def test_bad_input():
         llmkit.ops.lora_dropout(x, -0.1, 0)
     with pytest.raises(TypeError, match="float32"):
         llmkit.ops.lora_dropout(x.long(), 0.1, 0)
+
+
+def test_dropout_portable_path_matches_reference():
+    """LLMKIT_FORCE_SCALAR=1 takes the portable loop instead of the AVX2 one: same mask, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, llmkit
+from llmkit.ops import reference
+for n, p, seed in [(1001, 0.3, 2**40 + 5), (4096, 0.05, 7), (9, 0.9, 2**63 + 3)]:
+    x = torch.randn(n)
+    keep = reference.lora_dropout_keep((n,), p, seed)
+    assert torch.equal(llmkit.ops.lora_dropout(x, p, seed), torch.where(keep, x * (1 / (1 - p)), 0 * x)), (n, p)
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, LLMKIT_FORCE_SCALAR="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -198,25 +198,25 @@ def nf4_linear_grad_input(grad_out: torch.Tensor, packed: torch.Tensor, state: N
 
 # ------------------------------------------------------------------ LoRA --
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-
-
 def lora_dropout_keep(shape, p: float, seed: int, device=None) -> torch.Tensor:
     """The keep mask of :func:`llmkit.ops.lora_dropout` (csrc/lora/lora.h): element
-    i (row-major) is kept when the top 24 bits of splitmix64(seed + i * golden)
-    are >= floor(p * 2**24)."""
+    i (row-major) is kept when the top 24 bits of a 32-bit hash of (seed, i)
+    (murmur3's finalizer over an affine mix) are >= floor(p * 2**24)."""
     import numpy as np
 
     n = int(torch.Size(shape).numel())
+    seed %= 2**64
+    index = np.arange(n, dtype=np.uint64)
+    u32 = np.uint32
     with np.errstate(over="ignore"):
-        z = np.uint64(seed % 2**64) + np.arange(n, dtype=np.uint64) * np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-        z = z ^ (z >> np.uint64(31))
-    bits = (z >> np.uint64(40)).astype(np.int64)
-    keep = bits >= int(p * 16777216.0)
+        z = (index & np.uint64(0xFFFFFFFF)).astype(u32) * u32(0x9E3779B1) + u32(seed & 0xFFFFFFFF)
+        z ^= (index >> np.uint64(32)).astype(u32) * u32(0x85EBCA77) + u32(seed >> 32) * u32(0xC2B2AE3D)
+        z ^= z >> u32(16)
+        z *= u32(0x85EBCA6B)
+        z ^= z >> u32(13)
+        z *= u32(0xC2B2AE35)
+        z ^= z >> u32(16)
+    keep = (z >> u32(8)).astype(np.int64) >= int(p * 16777216.0)
     return torch.from_numpy(keep).reshape(shape).to(device)
 
 
