@@ -76,6 +76,9 @@ class Case:
     # Overrides RunOptions.max_call_s for this case: a headline comparison
     # whose slow peer takes seconds per call must still be timed.
     max_call_s: float | None = None
+    # Overrides RunOptions.budget_s: a headline case of ~1 s calls on a noisy
+    # machine needs more than 3 samples for a median worth reading.
+    budget_s: float | None = None
 
 
 @dataclass
@@ -180,7 +183,7 @@ def median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def plan_samples(per_call_s: float, opts: RunOptions) -> tuple[int, int]:
+def plan_samples(per_call_s: float, opts: RunOptions, budget_s: float | None = None) -> tuple[int, int]:
     """(calls per sample, number of samples) for a call that takes per_call_s.
 
     Fast calls are batched so one sample outlasts timer and launch noise; slow
@@ -188,7 +191,7 @@ def plan_samples(per_call_s: float, opts: RunOptions) -> tuple[int, int]:
     """
     per_call_s = max(per_call_s, 1e-9)
     calls = max(1, math.ceil(opts.min_sample_s / per_call_s))
-    affordable = int(opts.budget_s / (per_call_s * calls))
+    affordable = int((opts.budget_s if budget_s is None else budget_s) / (per_call_s * calls))
     repeats = min(opts.repeats, max(opts.min_repeats, affordable))
     return calls, repeats
 
@@ -242,7 +245,7 @@ def run_case(case: Case, opts: RunOptions, floor_gbps: float | None = None) -> C
             add_note(m, f"skipped: one call took {per_call:.1f} s (limit {max_call_s:g} s)")
             outputs.pop(contender.name)
             continue
-        m.calls_per_sample, planned[contender.name] = plan_samples(per_call, opts)
+        m.calls_per_sample, planned[contender.name] = plan_samples(per_call, opts, case.budget_s)
         timed[contender.name] = fn
 
     notes = list(case.notes)

@@ -166,6 +166,7 @@ def lora_cases(opts: RunOptions) -> list[Case]:
                 check=_check(dropout),
                 notes=notes,
                 max_call_s=30.0,
+                budget_s=None if opts.quick else 10.0,  # ~1 s calls: 10 samples each, not 3
             ))
     return cases
 
