@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "common/dispatch.h"
+#include "common/cuda_convert.cuh"
 #include "lora/lora.h"
 
 namespace llmkit::lora {
@@ -27,23 +28,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kGroup = 8;  // elements per thread step: 16 bytes of fp16/bf16
 
-// Device-side float conversions (torch's Half/BFloat16 operators are off in nvcc here).
-template <typename T> struct Convert;
-template <> struct Convert<float> {
-  using Device = float;
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float from_float(float v) { return v; }
-};
-template <> struct Convert<at::Half> {
-  using Device = __half;
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-template <> struct Convert<at::BFloat16> {
-  using Device = __nv_bfloat16;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
+using llmkit::Convert;  // common/cuda_convert.cuh
 
 template <typename T>
 __device__ __forceinline__ typename Convert<T>::Device dropout_one(typename Convert<T>::Device v, uint64_t seed,

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "common/dispatch.h"
+#include "common/cuda_convert.cuh"
 #include "quant/nf4.h"
 
 namespace llmkit::quant {
@@ -24,23 +25,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarpsPerCta = kThreads / 32;
 
-// Device-side float conversions (torch's Half/BFloat16 operators are off in nvcc here).
-template <typename T> struct Convert;
-template <> struct Convert<float> {
-  using Device = float;
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float from_float(float v) { return v; }
-};
-template <> struct Convert<at::Half> {
-  using Device = __half;
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-template <> struct Convert<at::BFloat16> {
-  using Device = __nv_bfloat16;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
+using llmkit::Convert;  // common/cuda_convert.cuh
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

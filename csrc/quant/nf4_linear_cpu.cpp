@@ -115,6 +115,22 @@ void dequant_tile(const NF4Matrix& w, int64_t r0, int64_t r1, int64_t c0, int64_
   for (int64_t r = r0; r < r1; ++r) dequant_flat_range(w, r * w.cols + c0, r * w.cols + c1, tile + (r - r0) * width, simd);
 }
 
+// Large-M paths: rows [r0, r1) of W dequantized by all threads into one
+// reused buffer of about chunk_bytes, then handed to `use` (a multithreaded GEMM).
+template <typename Use>
+void for_each_dequantized_chunk(const NF4Matrix& w, int64_t chunk_bytes, bool simd, Use&& use) {
+  const int64_t N = w.rows, K = w.cols;
+  const int64_t chunk_rows = std::clamp<int64_t>(chunk_bytes / (4 * K), 1, N);
+  std::vector<float> chunk(chunk_rows * K);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t r1 = std::min(N, r0 + chunk_rows);
+    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
+      dequant_tile(w, a, b, 0, K, chunk.data() + (a - r0) * K, simd);
+    });
+    use(r0, r1, chunk.data());
+  }
+}
+
 // ------------------------------------------------------- decode GEMV --
 #ifdef LLMKIT_X86
 // The GEMV's dot products use FMA (accuracy is an fp32 bound here, not the
@@ -236,15 +252,9 @@ void linear_forward_fp32(const NF4Matrix& w, const float* x, int64_t M, const fl
       }
     });
   } else {
-    const int64_t chunk_rows = std::clamp<int64_t>(paths.chunk_bytes / (4 * K), 1, N);
-    std::vector<float> chunk(chunk_rows * K);
-    for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
-      const int64_t r1 = std::min(N, r0 + chunk_rows);
-      at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
-        dequant_tile(w, a, b, 0, K, chunk.data() + (a - r0) * K, simd);
-      });
-      gemm(false, true, M, r1 - r0, K, 1.0f, x, K, chunk.data(), K, 0.0f, out + r0, N);
-    }
+    for_each_dequantized_chunk(w, paths.chunk_bytes, simd, [&](int64_t r0, int64_t r1, const float* chunk) {
+      gemm(false, true, M, r1 - r0, K, 1.0f, x, K, chunk, K, 0.0f, out + r0, N);
+    });
   }
   if (bias != nullptr) {
     for (int64_t m = 0; m < M; ++m) {
@@ -281,15 +291,9 @@ void linear_grad_input_fp32(const NF4Matrix& w, const float* dy, int64_t M, floa
     });
     return;
   }
-  const int64_t chunk_rows = std::clamp<int64_t>(paths.chunk_bytes / (4 * K), 1, N);
-  std::vector<float> chunk(chunk_rows * K);
-  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
-    const int64_t r1 = std::min(N, r0 + chunk_rows);
-    at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
-      dequant_tile(w, a, b, 0, K, chunk.data() + (a - r0) * K, simd);
-    });
-    gemm(false, false, M, K, r1 - r0, 1.0f, dy + r0, N, chunk.data(), K, r0 == 0 ? 0.0f : 1.0f, dx, K);
-  }
+  for_each_dequantized_chunk(w, paths.chunk_bytes, simd, [&](int64_t r0, int64_t r1, const float* chunk) {
+    gemm(false, false, M, K, r1 - r0, 1.0f, dy + r0, N, chunk, K, r0 == 0 ? 0.0f : 1.0f, dx, K);
+  });
 }
 
 // ---------------------------------------------------------------- ops --

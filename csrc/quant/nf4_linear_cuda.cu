@@ -74,6 +74,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
+#include "common/cuda_convert.cuh"
 #include "quant/nf4.h"
 
 namespace llmkit::quant {
@@ -106,23 +107,7 @@ LinearPaths linear_paths() {
   return paths;
 }
 
-// Device-side float conversions (torch's Half/BFloat16 operators are off in nvcc here).
-template <typename T> struct Convert;
-template <> struct Convert<float> {
-  using Device = float;
-  __device__ static float to_float(float v) { return v; }
-  __device__ static float from_float(float v) { return v; }
-};
-template <> struct Convert<at::Half> {
-  using Device = __half;
-  __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-};
-template <> struct Convert<at::BFloat16> {
-  using Device = __nv_bfloat16;
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
+using llmkit::Convert;  // common/cuda_convert.cuh
 
 __constant__ float kNF4CodeTable[16] = {
     kNF4Codes[0], kNF4Codes[1], kNF4Codes[2],  kNF4Codes[3],  kNF4Codes[4],  kNF4Codes[5],

@@ -131,7 +131,8 @@ def gpt2_on_llmkit_attention() -> list[str]:
     from llmkit.integrations import transformers as llmkit_hf
 
     llmkit_hf.register()
-    config = transformers.GPT2Config(n_layer=4, n_head=8, n_embd=512, n_positions=1024, vocab_size=8192)
+    config = transformers.GPT2Config(n_layer=4, n_head=8, n_embd=512, n_positions=1024, vocab_size=8192,
+                                     bos_token_id=0, eos_token_id=0)
     # Each model gets its own config: the attention implementation lives there.
     reference = transformers.GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     ours = transformers.GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation="llmkit").eval()
@@ -187,7 +188,8 @@ def qlora_finetune(steps: int = 60) -> list[str]:
     from llmkit.adapt.qlora import prepare_qlora, qlora_memory_report
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=128, vocab_size=256)
+    config = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=256, n_positions=128, vocab_size=256,
+                                     bos_token_id=10, eos_token_id=10)  # bytes: "\n" ends a document
     model = transformers.GPT2LMHeadModel(config)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     prepare_qlora(model, r=16, alpha=32, dropout=0.05)
