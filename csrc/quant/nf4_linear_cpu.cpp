@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/cpu_blas.h"
@@ -144,34 +145,73 @@ LLMKIT_AVX2_FMA LLMKIT_INLINE float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x rows as the decoder wants them: in every 16-element group, the 8 even
-// elements (high nibbles) and then the 8 odd ones (low nibbles).
+// The decoder (below) turns 16 packed bytes = 32 elements into four vectors
+// f0..f3; f_k's low 128-bit lane holds elements 2j and its high lane elements
+// 2j + 1, for j = 4k .. 4k + 3. x is pre-shuffled into that order once, so
+// the decoded weights multiply x without any shuffling per row of W.
+constexpr int64_t kDecodeGroup = 32;
+
+int64_t decode_order(int64_t i) {  // position i of a shuffled group -> element of the group
+  const int64_t k = i / 8, lane = (i % 8) / 4, t = i % 4;
+  return 2 * (4 * k + t) + lane;
+}
+
 void shuffle_for_decode(const float* x, int64_t rows, int64_t k, float* xs) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* src = x + r * k;
-    float* dst = xs + r * k;
-    for (int64_t g = 0; g < k; g += 16) {
-      for (int i = 0; i < 8; ++i) {
-        dst[g + i] = src[g + 2 * i];
-        dst[g + 8 + i] = src[g + 2 * i + 1];
-      }
+    for (int64_t g = 0; g < k; g += kDecodeGroup) {
+      for (int64_t i = 0; i < kDecodeGroup; ++i) xs[r * k + g + i] = x[r * k + g + decode_order(i)];
     }
   }
 }
 
+// The NF4 code table as four byte planes (byte p of each code's float bits),
+// each repeated in both 128-bit lanes for vpshufb.
+struct CodeBytePlanes {
+  __m256i plane[4];
+};
+
+LLMKIT_AVX2_FMA CodeBytePlanes code_byte_planes() {
+  alignas(16) uint8_t bytes[4][16];
+  for (int c = 0; c < 16; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, &kNF4Codes[c], 4);
+    for (int p = 0; p < 4; ++p) bytes[p][c] = static_cast<uint8_t>(bits >> (8 * p));
+  }
+  CodeBytePlanes planes;
+  for (int p = 0; p < 4; ++p) {
+    planes.plane[p] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[p])));
+  }
+  return planes;
+}
+
+// 16 packed bytes -> 32 NF4 values (unscaled) as f[0..3], in decode order.
+// Byte-plane lookups (vpshufb) and unpacks are single-cycle on every x86
+// core, where a 16-entry float table via vpermps costs several cycles.
+LLMKIT_AVX2_FMA LLMKIT_INLINE void decode32_avx2(const uint8_t* in, const CodeBytePlanes& t, __m256 f[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);  // elements 0, 2, ..., 30
+  const __m128i lo = _mm_and_si128(bytes, low4);                     // elements 1, 3, ..., 31
+  const __m256i idx = _mm256_inserti128_si256(_mm256_castsi128_si256(hi), lo, 1);
+  const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], idx), b1 = _mm256_shuffle_epi8(t.plane[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], idx), b3 = _mm256_shuffle_epi8(t.plane[3], idx);
+  const __m256i w01_lo = _mm256_unpacklo_epi8(b0, b1), w01_hi = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i w23_lo = _mm256_unpacklo_epi8(b2, b3), w23_hi = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01_lo, w23_lo));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01_lo, w23_lo));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01_hi, w23_hi));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01_hi, w23_hi));
+}
+
 // Output features [n0, n1) for R rows of x (shuffled, row stride K). With
 // K % blocksize == 0 every row of W starts on a byte and on a block, and a
-// block is a whole number of 16-element groups (blocksize >= 32).
-// Independent accumulators per nibble half (and, for one row, per group pair)
-// keep the FMA latency chains short.
+// block is a whole number of 32-element groups (blocksize >= 32). Two
+// accumulators per row and block keep the FMA latency chains short.
 template <int R>
 LLMKIT_AVX2_FMA void decode_gemv_avx2(const NF4Matrix& w, const float* xs, const float* bias, int64_t n0, int64_t n1,
-                                  float* out, int64_t ldo) {
-  constexpr int U = R == 1 ? 2 : 1;  // 16-element groups per step
+                                      float* out, int64_t ldo) {
   const int64_t K = w.cols, bs = w.blocksize, blocks_per_row = K / bs;
-  const __m256 lut_lo = _mm256_loadu_ps(kNF4Codes);
-  const __m256 lut_hi = _mm256_loadu_ps(kNF4Codes + 8);
-  const __m256i low4 = _mm256_set1_epi32(15);
+  const CodeBytePlanes planes = code_byte_planes();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
     __m256 acc[R];
@@ -179,28 +219,21 @@ LLMKIT_AVX2_FMA void decode_gemv_avx2(const NF4Matrix& w, const float* xs, const
     for (int64_t j = 0; j < blocks_per_row; ++j) {
       const uint8_t* bytes = row + j * (bs / 2);
       const float* xb = xs + j * bs;
-      __m256 hi_acc[R][U], lo_acc[R][U];
-      for (int r = 0; r < R; ++r) {
-        for (int u = 0; u < U; ++u) hi_acc[r][u] = lo_acc[r][u] = _mm256_setzero_ps();
-      }
-      for (int64_t g = 0; g < bs; g += 16 * U) {
-        for (int u = 0; u < U; ++u) {
-          const int64_t e = g + 16 * u;
-          const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + e / 2)));
-          const __m256 vh = nf4_lookup_avx2(lut_lo, lut_hi, _mm256_srli_epi32(codes, 4));
-          const __m256 vl = nf4_lookup_avx2(lut_lo, lut_hi, _mm256_and_si256(codes, low4));
-          for (int r = 0; r < R; ++r) {
-            hi_acc[r][u] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xb + r * K + e), hi_acc[r][u]);
-            lo_acc[r][u] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xb + r * K + e + 8), lo_acc[r][u]);
-          }
+      __m256 even[R], odd[R];
+      for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < bs; g += kDecodeGroup) {
+        __m256 f[4];
+        decode32_avx2(bytes + g / 2, planes, f);
+        for (int r = 0; r < R; ++r) {
+          const float* xg = xb + r * K + g;
+          even[r] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xg), even[r]);
+          odd[r] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xg + 8), odd[r]);
+          even[r] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xg + 16), even[r]);
+          odd[r] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xg + 24), odd[r]);
         }
       }
       const __m256 scale = _mm256_set1_ps(w.scales(n * blocks_per_row + j));
-      for (int r = 0; r < R; ++r) {
-        __m256 block = _mm256_add_ps(hi_acc[r][0], lo_acc[r][0]);
-        if constexpr (U == 2) block = _mm256_add_ps(block, _mm256_add_ps(hi_acc[r][1], lo_acc[r][1]));
-        acc[r] = _mm256_fmadd_ps(block, scale, acc[r]);
-      }
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, acc[r]);
     }
     const float b = bias != nullptr ? bias[n] : 0.0f;
     for (int r = 0; r < R; ++r) out[r * ldo + n] = hsum_avx2(acc[r]) + b;
