@@ -1,9 +1,12 @@
 // The one place where every llmkit op schema is declared (torch.ops.llmkit.*).
 // Kernels register per backend next to their code (TORCH_LIBRARY_IMPL in
 // csrc/<family>/*_cpu.cpp and *_cuda.cu); fake (meta) kernels and autograd
-// live in python/llmkit/ops/. pybind11 binds only what is not a tensor op.
+// live in python/llmkit/ops/. pybind11 binds only what is not a tensor op
+// (the word2vec trainer, csrc/word2vec/).
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "word2vec/word2vec.h"
 
 TORCH_LIBRARY(llmkit, m) {
   // ---- quant: NF4 4-bit blockwise (bitsandbytes layout), 8-bit blockwise ----
@@ -96,4 +99,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
   m.attr("torch_version") = LLMKIT_TORCH_VERSION;
   m.attr("cuda_archs") = LLMKIT_CUDA_ARCHS;
+  llmkit::word2vec::bind(m);  // _C.word2vec: the trainer (not a tensor op)
 }

@@ -1,0 +1,212 @@
+"""The C++ word2vec trainer (llmkit._C.word2vec) and llmkit.embeddings.Word2Vec:
+one update against a float64 reference, the noise and subsampling
+distributions statistically, determinism, learning on a structured corpus,
+and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmkit import _C
+from llmkit.embeddings import word2vec as w2v
+
+
+def reference_sgns_step(syn0, syn1, context, word, noise, alpha):
+    """word2vec.c's skip-gram negative-sampling update in float64."""
+    syn0, syn1 = syn0.double().clone(), syn1.double().clone()
+    l1 = syn0[context].clone()
+    neu1e = torch.zeros_like(l1)
+    loss = 0.0
+    for target, label in [(word, 1.0)] + [(n, 0.0) for n in noise if n != word]:
+        f = float(l1 @ syn1[target])
+        sig = 1.0 if f > 6 else 0.0 if f < -6 else 1 / (1 + math.exp(-f))
+        z = f if label else -f
+        loss += 0.0 if z > 6 else (-z if z < -6 else math.log1p(math.exp(-z)))
+        g = (label - sig) * alpha
+        neu1e += g * syn1[target]
+        syn1[target] += g * l1
+    syn0[context] += neu1e
+    return syn0, syn1, loss
+
+
+@pytest.mark.parametrize("dim", [1, 7, 100, 300])
+def test_one_update_matches_float64_reference(dim):
+    g = torch.Generator().manual_seed(dim)
+    syn0 = torch.randn(11, dim, generator=g) * 0.5
+    syn1 = torch.randn(11, dim, generator=g) * 0.5
+    noise = torch.tensor([3, 5, 2, 5, 9], dtype=torch.int32)  # 2 (the word itself) is skipped, 5 twice
+    ref0, ref1, ref_loss = reference_sgns_step(syn0, syn1, 4, 2, noise.tolist(), 0.025)
+    loss = _C.word2vec.sgns_step(syn0, syn1, 4, 2, noise, 0.025)
+    torch.testing.assert_close(syn0.double(), ref0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(syn1.double(), ref1, rtol=0, atol=1e-6)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def reference_window_step(syn0, syn1, context, word, noise, alpha):
+    """pWord2Vec's shared-negatives window update in float64: every context row
+    predicts `word` against the same noise words, all from the rows as they were."""
+    syn0, syn1 = syn0.double().clone(), syn1.double().clone()
+    targets = [word] + [n for n in noise if n != word]
+    labels = torch.tensor([1.0] + [0.0] * (len(targets) - 1), dtype=torch.float64)
+    inp, out = syn0[context], syn1[targets]
+    scores = inp @ out.T
+    sig = torch.where(scores > 6, 1.0, torch.where(scores < -6, 0.0, torch.sigmoid(scores)))
+    g = (labels - sig) * alpha
+    d_in, d_out = g @ out, g.T @ inp
+    syn0.index_add_(0, torch.tensor(context), d_in)
+    syn1.index_add_(0, torch.tensor(targets), d_out)
+    z = torch.where(labels > 0, scores, -scores)
+    loss = torch.where(z > 6, 0.0, torch.where(z < -6, -z, torch.log1p(torch.exp(-z)))).sum()
+    return syn0, syn1, float(loss)
+
+
+@pytest.mark.parametrize("dim", [3, 100])
+def test_shared_negatives_window_matches_float64_reference(dim):
+    g = torch.Generator().manual_seed(dim)
+    syn0 = torch.randn(13, dim, generator=g) * 0.3
+    syn1 = torch.randn(13, dim, generator=g) * 0.3
+    context = [1, 7, 7, 12]  # a repeated context word gets both gradients
+    noise = [3, 5, 2, 8]  # 2 is the word: skipped
+    ref0, ref1, ref_loss = reference_window_step(syn0, syn1, context, 2, noise, 0.05)
+    loss = _C.word2vec.sgns_window_step(syn0, syn1, torch.tensor(context, dtype=torch.int32), 2,
+                                        torch.tensor(noise, dtype=torch.int32), 0.05)
+    torch.testing.assert_close(syn0.double(), ref0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(syn1.double(), ref1, rtol=0, atol=1e-6)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_clipped_sigmoid_beyond_max_exp():
+    syn0 = torch.full((3, 4), 2.0)
+    syn1 = torch.full((3, 4), 2.0)  # f = 16 > 6: sigma = 1, no update for the true word
+    before1 = syn1.clone()
+    _C.word2vec.sgns_step(syn0, syn1, 0, 1, torch.tensor([], dtype=torch.int32), 0.1)
+    assert torch.equal(syn1, before1)
+
+
+def test_noise_distribution_is_unigram_to_the_075():
+    counts = np.array([5000, 1200, 800, 300, 60, 7, 1])
+    table = w2v.noise_table(counts)
+    n = 400_000
+    draws = _C.word2vec.sample_noise(table, n, 12345).numpy()
+    observed = np.bincount(draws, minlength=len(counts)) / n
+    expected = counts**0.75 / (counts**0.75).sum()
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(observed - expected) < 4 * se + 1e-9)
+
+
+def test_keep_probabilities_follow_word2vec_c():
+    counts = np.array([100000, 1000, 10, 1])
+    sample = 1e-3
+    threshold = sample * counts.sum()
+    p = w2v.keep_probabilities(counts, sample)
+    want = np.minimum(1, (np.sqrt(counts / threshold) + 1) * threshold / counts)
+    np.testing.assert_allclose(p, want)
+    assert p[-1] == 1.0 and p[0] < 0.4
+    assert np.all(w2v.keep_probabilities(counts, 0) == 1)
+
+
+def _chunk(sentences):
+    ids = torch.tensor([w for s in sentences for w in s], dtype=torch.int32)
+    offsets = torch.tensor(np.cumsum([0] + [len(s) for s in sentences]), dtype=torch.int64)
+    return ids, offsets
+
+
+def test_subsampling_keeps_the_expected_fraction():
+    rng = np.random.default_rng(0)
+    counts = np.array([60000, 20000, 5000, 1000])
+    words = np.repeat(np.arange(4), counts)
+    rng.shuffle(words)
+    sentences = [words[i:i + 50].tolist() for i in range(0, len(words), 50)]
+    ids, offsets = _chunk(sentences)
+    p = w2v.keep_probabilities(counts, 1e-3)
+    syn0, syn1 = torch.zeros(4, 8), torch.zeros(4, 8)
+    stats = _C.word2vec.train_chunk(syn0, syn1, ids, offsets, w2v.keep_thresholds(p), w2v.noise_table(counts), 2, 1,
+                                    0.0, 0.0, 1, 7)
+    expected = float((p * counts).sum())
+    sd = math.sqrt(float((p * (1 - p) * counts).sum()))
+    assert stats["raw_words"] == counts.sum()
+    assert abs(stats["trained_words"] - expected) < 4 * sd
+
+
+def _two_topic_corpus(n_sentences=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    topics = [[f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)]]
+    return [list(rng.choice(topics[s % 2], size=12)) for s in range(n_sentences)]
+
+
+def test_deterministic_with_one_worker_and_a_seed():
+    pytest.importorskip("llmkit.embeddings.keyed_vectors")
+    corpus = _two_topic_corpus(400)
+    kw = dict(vector_size=16, window=3, min_count=1, epochs=2, workers=1, seed=5, progress=False)
+    a = w2v.Word2Vec(corpus, **kw)
+    b = w2v.Word2Vec(corpus, **kw)
+    np.testing.assert_array_equal(a.wv.vectors, b.wv.vectors)
+    c = w2v.Word2Vec(corpus, **{**kw, "seed": 6})
+    assert not np.array_equal(a.wv.vectors, c.wv.vectors)
+
+
+@pytest.mark.parametrize("sg,shared", [(1, False), (1, True), (0, False)], ids=["skipgram", "shared-negatives", "cbow"])
+def test_learns_topics(sg, shared):
+    pytest.importorskip("llmkit.embeddings.keyed_vectors")
+    model = w2v.Word2Vec(_two_topic_corpus(), vector_size=20, window=4, min_count=1, epochs=3, workers=2, sg=sg,
+                         sample=0, seed=1, progress=False, shared_negatives=shared)
+    v = model.wv.vectors / np.linalg.norm(model.wv.vectors, axis=1, keepdims=True)
+    index = model.key_to_index
+    a = v[[index[f"a{i}"] for i in range(10)]]
+    b = v[[index[f"b{i}"] for i in range(10)]]
+    within = (a @ a.T)[np.triu_indices(10, 1)].mean()
+    across = (a @ b.T).mean()
+    assert within > across + 0.3, (within, across)
+    assert model.training_stats[-1]["words"] == 3 * 3000 * 12
+    assert math.isfinite(model.get_latest_training_loss()) and model.get_latest_training_loss() > 0
+
+
+def test_corpus_file_and_folder(tmp_path):
+    pytest.importorskip("llmkit.embeddings.keyed_vectors")
+    text = "\n".join(" ".join(s) for s in _two_topic_corpus(200)) + "\n"
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.txt").write_text(text, encoding="utf-8")
+    (folder / "y.txt").write_text(text, encoding="utf-8")
+    single = w2v.Word2Vec(corpus_file=tmp_path / "one.txt", vector_size=8, min_count=1, epochs=1, progress=False)
+    double = w2v.Word2Vec(corpus_file=folder, vector_size=8, min_count=1, epochs=1, progress=False)
+    assert single.corpus_total_words * 2 == double.corpus_total_words == 2 * 200 * 12
+
+
+def test_max_vocab_size_prunes_rare_words():
+    counts, total, _ = w2v.count_words([["a"] * 50 + ["b"] * 20 + [f"r{i}" for i in range(30)]], max_vocab_size=10)
+    assert total == 100 and len(counts) <= 10 and counts["a"] == 50
+
+
+def test_bad_input(tmp_path):
+    corpus = _two_topic_corpus(50)
+    with pytest.raises(ValueError, match="empty"):
+        w2v.Word2Vec([[]], min_count=1, progress=False)
+    with pytest.raises(ValueError, match="vector_size"):
+        w2v.Word2Vec(corpus, vector_size=0)
+    with pytest.raises(ValueError, match="window"):
+        w2v.Word2Vec(corpus, window=0)
+    with pytest.raises(ValueError, match="negative"):
+        w2v.Word2Vec(corpus, negative=-1)
+    with pytest.raises(ValueError, match="min_count"):
+        w2v.Word2Vec(corpus, min_count=10**6, progress=False)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="UTF-8"):
+        w2v.Word2Vec(corpus_file=bad, min_count=1, progress=False)
+    with pytest.raises(TypeError, match="restartable"):
+        w2v.Word2Vec((s for s in corpus), min_count=1, progress=False)
+    with pytest.raises(TypeError, match="list of tokens"):
+        w2v.Word2Vec(["a plain string"], min_count=1, progress=False)
+    with pytest.raises(FileNotFoundError):
+        w2v.Word2Vec(corpus_file=tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="CPU only"):
+        w2v.Word2Vec(corpus, device="cuda")
+    syn0, syn1 = torch.zeros(3, 4), torch.zeros(3, 4)
+    ids, offsets = _chunk([[0, 1, 5]])
+    with pytest.raises(ValueError, match="outside"):
+        _C.word2vec.train_chunk(syn0, syn1, ids, offsets, w2v.keep_thresholds(np.ones(3)),
+                                w2v.noise_table(np.ones(3)), 2, 1, 0.01, 0.0, 1, 0)
