@@ -8,6 +8,10 @@
 // per-thread state (generator, buffers) and refreshes the learning rate from a
 // shared word counter every kAlphaRefresh words, as word2vec.c does. With one
 // worker and a seed, training is deterministic.
+// The project builds with -ffp-contract=off (the NF4 format's rounding needs
+// it); nothing here is bit-exact by definition, so let dot/axpy use FMA.
+#pragma GCC optimize("fp-contract=fast")
+
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
