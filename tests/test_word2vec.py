@@ -210,3 +210,34 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         _C.word2vec.train_chunk(syn0, syn1, ids, offsets, w2v.keep_thresholds(np.ones(3)),
                                 w2v.noise_table(np.ones(3)), 2, 1, 0.01, 0.0, 1, 0)
+
+
+def test_cli_train_eval_bias(tmp_path, capsys):
+    pytest.importorskip("llmkit.embeddings.keyed_vectors")
+    import json
+
+    from llmkit import cli
+
+    corpus = tmp_path / "corpus.txt"
+    pairs = [("she", "he"), ("woman", "man"), ("girl", "boy"), ("mother", "father"), ("her", "his")]
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(600):
+        f, m = pairs[rng.integers(len(pairs))]
+        lines.append(f"{f} is a nurse and {f} said hello")
+        lines.append(f"{m} is a carpenter and {m} said hello")
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.bin"
+    assert cli.main(["word2vec", "train", "--corpus", str(corpus), "--out", str(out), "--binary", "--min-count", "1",
+                     "--vector-size", "16", "--epochs", "2", "--workers", "1"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["vocabulary"] == 17 and trained["words"] == 2 * 1200 * 8
+    pairs_file = tmp_path / "pairs.tsv"
+    pairs_file.write_text("# w1\tw2\tscore\nshe\the\t5\nnurse\tcarpenter\t3\nhello\tsaid\t1\n", encoding="utf-8")
+    assert cli.main(["word2vec", "eval", str(out), "--binary", "--pairs", str(pairs_file)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["vocabulary"] == 17 and "spearman" in report
+    assert cli.main(["embeddings", "bias", str(out), "--binary", "-n", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "nurse" in text and "carpenter" in text
+    assert cli.main(["word2vec", "eval", str(tmp_path / "missing.bin")]) == 2

@@ -5,6 +5,8 @@
     llmkit demo     NF4, QLoRA fine-tune, attention, and their quick benchmarks
     llmkit adapter info ADAPTER_DIR
     llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
+    llmkit word2vec train|eval|bias ...   (see llmkit.embeddings.cli)
+    llmkit embeddings bias VECTORS
 """
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ def _adapter(args: argparse.Namespace) -> int:
     return cli.run(args)
 
 
+def _embeddings(args: argparse.Namespace) -> int:
+    from llmkit.embeddings import cli
+
+    return cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.bench import add_arguments
 
@@ -59,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     adapter = commands.add_parser("adapter", help="inspect a PEFT adapter directory or merge one into a model")
     add_adapter_arguments(adapter)
     adapter.set_defaults(handler=_adapter)
+
+    from llmkit.embeddings import cli as embeddings_cli
+
+    word2vec = commands.add_parser("word2vec", help="train word2vec, evaluate or inspect bias of saved vectors")
+    embeddings_cli.add_train_eval_bias(word2vec.add_subparsers(dest="action", metavar="ACTION", required=True))
+    word2vec.set_defaults(handler=_embeddings)
+    embeddings = commands.add_parser("embeddings", help="embedding analyses (bias)")
+    embeddings_cli.add_bias(embeddings.add_subparsers(dest="action", metavar="ACTION", required=True))
+    embeddings.set_defaults(handler=_embeddings)
     return parser
 
 

@@ -7,8 +7,11 @@
 (``save_word2vec_format`` / ``load_word2vec_format``) that gensim reads and
 writes byte for byte. :class:`Word2Vec` trains them (gensim's parameters,
 word2vec.c's conventions) on the C++ trainer in csrc/word2vec/.
+:mod:`llmkit.embeddings.bias`: Bolukbasi et al.'s gender direction, extreme
+occupations, DirectBias and hard debiasing.
 """
 
+from . import bias
 from .keyed_vectors import CorrelationResult, KeyedVectors
 from .word2vec import LineSentence, Word2Vec
 
@@ -17,4 +20,5 @@ __all__ = [
     "CorrelationResult",
     "Word2Vec",
     "LineSentence",
+    "bias",
 ]
