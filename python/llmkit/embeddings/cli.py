@@ -26,8 +26,9 @@ def add_train_eval_bias(commands) -> None:
                                 ("seed", int, 1), ("sample", float, 1e-3), ("alpha", float, 0.025),
                                 ("min-alpha", float, 1e-4)]:
         train.add_argument(f"--{name}", type=kind, default=default)
-    train.add_argument("--shared-negatives", action="store_true",
-                       help="skip-gram with one draw of negatives per window (pWord2Vec)")
+    train.add_argument("--per-pair-negatives", action="store_true",
+                       help="skip-gram with fresh negatives for every (context, word) pair, as word2vec.c "
+                            "(default: one draw per window, as pWord2Vec)")
     evaluate = commands.add_parser("eval", help="analogy accuracy and word-pair correlation of saved vectors")
     evaluate.add_argument("vectors")
     evaluate.add_argument("--binary", action="store_true")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             model = Word2Vec(corpus_file=args.corpus, vector_size=args.vector_size, window=args.window,
                              min_count=args.min_count, negative=args.negative, epochs=args.epochs,
                              workers=args.workers, sg=args.sg, seed=args.seed, sample=args.sample, alpha=args.alpha,
-                             min_alpha=args.min_alpha, shared_negatives=args.shared_negatives)
+                             min_alpha=args.min_alpha, shared_negatives=not args.per_pair_negatives)
             model.wv.save_word2vec_format(args.out, binary=args.binary)
             print(json.dumps({"vectors": args.out, "vocabulary": len(model.wv), **model.training_stats[-1]}, indent=2))
             return 0
