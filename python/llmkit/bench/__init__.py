@@ -17,7 +17,7 @@ __all__ = ["Benchmark", "Case", "Contender", "RunOptions", "register", "register
            "make_options", "add_arguments", "run_from_args", "main"]
 
 # Modules that define benchmarks; imported lazily so `import llmkit.bench` stays cheap.
-BENCHMARK_MODULES = ("nf4", "attention", "lora")
+BENCHMARK_MODULES = ("nf4", "attention", "lora", "word2vec")
 
 _REGISTRY: dict[str, Benchmark] = {}
 
@@ -61,6 +61,7 @@ def make_options(quick: bool = False, repeats: int | None = None, device: str = 
         opts.repeats, opts.budget_s = 5, 1.0
     if repeats is not None:
         opts.repeats = repeats
+        opts.explicit_repeats = repeats
         opts.min_repeats = min(opts.min_repeats, repeats)
     if device != "all":
         opts.devices = (device,)
@@ -85,6 +86,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     out_dir = args.out or default_out_dir()
     floors: dict = {}  # measured once per device, shared by all benchmarks of this run
     for bench in benches:
+        if bench.runner is not None:
+            bench.runner(opts, out_dir)
+            continue
         result = run_benchmark(bench, opts, floors)
         if not result.cases:
             print(f"{bench.name}: no cases on device(s) {', '.join(opts.devices)} here; nothing written\n")

@@ -89,6 +89,9 @@ class Benchmark:
     # Called on the finished result (e.g. to note rates relative to a peak
     # measured in the same run) before it is printed or saved.
     finish: Callable[["BenchResult"], None] | None = None
+    # A benchmark that is not a set of timed calls (whole training runs) runs
+    # itself: runner(options, out_dir) prints and writes its own results.
+    runner: Callable[["RunOptions", Path], Any] | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ class RunOptions:
     min_sample_s: float = 0.005  # calls per sample so a sample is this long (timer, launch overhead)
     devices: tuple[str, ...] = ("cpu", "cuda")
     progress: bool = True
+    explicit_repeats: int | None = None  # --repeats as given (runners with their own default read it)
 
 
 @dataclass

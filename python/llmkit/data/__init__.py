@@ -7,6 +7,7 @@ word2vec, GloVe and the pretraining demos work without a download.
 from __future__ import annotations
 
 import lzma
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +22,50 @@ def english_corpus_lines() -> Iterator[str]:
             yield line.rstrip("\n")
 
 
+# Words as the embedding demos and `llmkit bench word2vec` see them: runs of
+# lowercase letters and digits, with inner apostrophes ("don't", "o'er");
+# punctuation and case are dropped, so "Ship," and "ship" are one word.
+_WORD = re.compile(r"[a-z0-9]+(?:['\u2019][a-z0-9]+)*")
+
+
+def tokenize_words(line: str) -> list[str]:
+    """Lowercase word tokens of a line (punctuation dropped): the embeddings' preprocessing."""
+    return _WORD.findall(line.lower())
+
+
+class EnglishCorpusSentences:
+    """The shipped corpus as lists of lowercase words, one per non-empty line;
+    restartable (each iteration decompresses again), as Word2Vec / GloVe need."""
+
+    def __iter__(self) -> Iterator[list[str]]:
+        for line in english_corpus_lines():
+            words = tokenize_words(line)
+            if words:
+                yield words
+
+
+def english_corpus_sentences() -> EnglishCorpusSentences:
+    """The shipped corpus tokenized by :func:`tokenize_words` (about 5.6 M words), restartable."""
+    return EnglishCorpusSentences()
+
+
+def write_english_corpus_tokens(path: str | Path, max_words: int | None = None) -> tuple[Path, int]:
+    """Write the tokenized corpus (one sentence a line, words separated by spaces:
+    the format of word2vec.c and gensim's corpus_file) to `path`, at most about
+    `max_words` words; return the path and the word count."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    words = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for sentence in english_corpus_sentences():
+            f.write(" ".join(sentence) + "\n")
+            words += len(sentence)
+            if max_words is not None and words >= max_words:
+                break
+    tmp.replace(path)
+    return path, words
+
+
 def extract_english_corpus(path: str | Path) -> Path:
     """Write the decompressed corpus to `path` (for tools that want a plain file) and return it."""
     path = Path(path)
@@ -32,4 +77,5 @@ def extract_english_corpus(path: str | Path) -> Path:
     return path
 
 
-__all__ = ["ENGLISH_CORPUS", "ENGLISH_CORPUS_WORDS", "english_corpus_lines", "extract_english_corpus"]
+__all__ = ["ENGLISH_CORPUS", "ENGLISH_CORPUS_WORDS", "english_corpus_lines", "extract_english_corpus",
+           "tokenize_words", "english_corpus_sentences", "write_english_corpus_tokens"]

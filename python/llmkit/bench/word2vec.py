@@ -1,0 +1,290 @@
+"""word2vec training: llmkit vs gensim 4.4, same corpus, same hyperparameters.
+
+`llmkit bench word2vec`. Unlike the kernel benchmarks this one times whole
+training runs (tens of seconds each), so it has its own runner: each
+contender builds its vocabulary and trains on the corpus llmkit ships
+(5.6 M words after llmkit.data.tokenize_words: lowercase, punctuation
+dropped; --quick: the first 400k words, 1 epoch), then its vectors are
+scored with gensim's own evaluators (questions-words.txt analogies,
+3CosAdd, restrict_vocab 300000, case-insensitive; wordsim353 Spearman), so
+quality is judged by one implementation for everybody.
+
+Hyperparameters (the issue's): sg=1, negative=5, window=5, sample=1e-3,
+vector_size=100, min_count=5, epochs=5, workers=2, alpha 0.025 -> 1e-4.
+Contenders:
+  llmkit            Word2Vec(...) default: skip-gram, negatives shared per window (HogBatch)
+  llmkit per-pair   shared_negatives=False: word2vec.c's draws per (context, word) pair
+  llmkit cuda       device="cuda" (when a GPU is present and --device allows)
+  gensim            gensim.models.Word2Vec(corpus_file=...): gensim's fastest mode
+                    (Cython threads without the GIL, reading the file itself)
+words/s counts the corpus's raw words x epochs over the training time (the
+vocabulary scan is timed separately), as gensim's logs do. Runs are
+interleaved across contenders (--repeats N runs each, default 1; medians are
+reported) so machine drift hits everybody alike. Targets: words/s >= 1.5x
+gensim's, analogy accuracy no more than 1 point and wordsim353 Spearman no
+more than 0.02 below gensim's.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import register
+from .harness import Benchmark, RunOptions, machine_info
+
+HYPERPARAMETERS = dict(vector_size=100, window=5, min_count=5, sample=1e-3, negative=5, alpha=0.025,
+                       min_alpha=1e-4, epochs=5, workers=2, sg=1, seed=1)
+QUICK_WORDS = 400_000
+TARGET_SPEEDUP, MAX_ANALOGY_DROP, MAX_SPEARMAN_DROP = 1.5, 0.01, 0.02
+GENSIM = "gensim"
+
+
+@dataclass
+class TrainRun:
+    contender: str
+    device: str
+    vocab_seconds: float
+    train_seconds: float
+    words_per_second: float
+    vocabulary: int
+    analogy_accuracy: float
+    spearman: float
+    pearson: float
+    oov_percent: float
+
+
+@dataclass
+class ContenderSummary:
+    contender: str
+    device: str
+    runs: list[TrainRun] = field(default_factory=list)
+    words_per_second: float | None = None  # medians over the runs
+    analogy_accuracy: float | None = None
+    spearman: float | None = None
+    speedup_vs_gensim: float | None = None
+    note: str = ""
+
+
+def _corpus_file(out_dir: Path, quick: bool) -> tuple[Path, int]:
+    """The shipped corpus, tokenized (lowercase words, punctuation dropped), as a
+    plain file (gensim's corpus_file needs one), and its word count."""
+    from llmkit.data import write_english_corpus_tokens
+
+    return write_english_corpus_tokens(out_dir / "english_core_tokens.txt", QUICK_WORDS if quick else None)
+
+
+def _score(keys: list[str], vectors) -> tuple[float, float, float, float]:
+    """gensim's analogy accuracy and wordsim353 (pearson, spearman, oov%) of the vectors."""
+    from gensim.models import KeyedVectors
+    from gensim.test.utils import datapath
+
+    kv = KeyedVectors(vectors.shape[1])
+    kv.add_vectors(keys, vectors)
+    analogy, _ = kv.evaluate_word_analogies(datapath("questions-words.txt"))
+    pearson, spearman, oov = kv.evaluate_word_pairs(datapath("wordsim353.tsv"))
+    return float(analogy), float(spearman[0]), float(pearson[0]), float(oov)
+
+
+def _train_llmkit(corpus: Path, params: dict, device: str, shared: bool) -> tuple[float, float, list[str], object]:
+    from llmkit.embeddings import LineSentence, Word2Vec
+
+    model = Word2Vec(**{k: v for k, v in params.items()}, device=device, shared_negatives=shared, progress=False)
+    sentences = LineSentence(corpus)
+    t0 = time.perf_counter()
+    model.build_vocab(sentences)
+    t1 = time.perf_counter()
+    model.train(sentences)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, list(model.wv.index_to_key), model.wv.vectors
+
+
+def _train_gensim(corpus: Path, params: dict) -> tuple[float, float, list[str], object]:
+    from gensim.models import Word2Vec
+
+    model = Word2Vec(**params)
+    t0 = time.perf_counter()
+    model.build_vocab(corpus_file=str(corpus))
+    t1 = time.perf_counter()
+    model.train(corpus_file=str(corpus), total_examples=model.corpus_count, total_words=model.corpus_total_words,
+                epochs=model.epochs)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, list(model.wv.index_to_key), model.wv.vectors
+
+
+def _contenders(opts: RunOptions) -> list[tuple[str, str, object]]:
+    """(name, device, train function) for what can run here."""
+    import torch
+
+    found = []
+    if "cpu" in opts.devices:
+        found.append(("llmkit", "cpu", lambda c, p: _train_llmkit(c, p, "cpu", True)))
+        found.append(("llmkit per-pair", "cpu", lambda c, p: _train_llmkit(c, p, "cpu", False)))
+    if "cuda" in opts.devices and torch.cuda.is_available():
+        found.append(("llmkit cuda", "cuda", lambda c, p: _train_llmkit(c, p, "cuda", True)))
+    found.append((GENSIM, "cpu", lambda c, p: _train_gensim(c, p)))
+    return found
+
+
+def run(opts: RunOptions, out_dir: Path) -> dict:
+    """Train every contender on the shipped corpus, score, compare, and write JSON / txt / PNG."""
+    from tqdm import tqdm
+
+    params = dict(HYPERPARAMETERS)
+    if opts.quick:
+        params["epochs"] = 1
+    repeats = opts.explicit_repeats or 1
+    contenders = _contenders(opts)
+    summaries = {name: ContenderSummary(name, device) for name, device, _ in contenders}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="llmkit-bench-w2v-") as tmp:
+        corpus, words = _corpus_file(Path(tmp), opts.quick)
+        bar = tqdm(total=repeats * len(contenders), desc="word2vec bench", unit="run", disable=not opts.progress)
+        with bar:
+            for _ in range(repeats):  # interleaved: drift hits every contender alike
+                for name, device, train in contenders:
+                    bar.set_postfix_str(name)
+                    try:
+                        vocab_s, train_s, keys, vectors = train(corpus, params)
+                    except Exception as err:  # a contender that cannot run is reported, not fatal
+                        summaries[name].note = f"unavailable: {type(err).__name__}: {err}"
+                        bar.update(1)
+                        continue
+                    analogy, spearman, pearson, oov = _score(keys, vectors)
+                    summaries[name].runs.append(TrainRun(
+                        name, device, vocab_s, train_s, words * params["epochs"] / train_s, len(keys), analogy,
+                        spearman, pearson, oov))
+                    bar.update(1)
+    for s in summaries.values():
+        if s.runs:
+            s.words_per_second = statistics.median(r.words_per_second for r in s.runs)
+            s.analogy_accuracy = statistics.median(r.analogy_accuracy for r in s.runs)
+            s.spearman = statistics.median(r.spearman for r in s.runs)
+    peer = summaries.get(GENSIM)
+    if peer and peer.words_per_second:
+        for s in summaries.values():
+            if s.words_per_second and s.contender != GENSIM:
+                s.speedup_vs_gensim = s.words_per_second / peer.words_per_second
+    result = {
+        "benchmark": "word2vec",
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": opts.quick,
+        "corpus": {"name": "llmkit.data.english_corpus_sentences()" + (" (quick: its start)" if opts.quick else ""),
+                   "words": words},
+        "hyperparameters": params,
+        "repeats": repeats,
+        "contenders": [asdict(s) for s in summaries.values()],
+        "verdicts": _verdicts(summaries, opts.quick),
+        "machine": machine_info(),
+        "wall_s": time.perf_counter() - started,
+    }
+    return result
+
+
+def _verdicts(summaries: dict[str, ContenderSummary], quick: bool) -> list[str]:
+    peer = summaries.get(GENSIM)
+    if not peer or not peer.runs:
+        return ["gensim did not run: no comparison"]
+    lines = ["--quick: 400k words, 1 epoch; a smoke run, not a measurement of the targets"] if quick else []
+    for s in summaries.values():
+        if s.contender == GENSIM or not s.runs:
+            continue
+        speed_ok = s.speedup_vs_gensim >= TARGET_SPEEDUP
+        analogy_ok = s.analogy_accuracy >= peer.analogy_accuracy - MAX_ANALOGY_DROP
+        spearman_ok = s.spearman >= peer.spearman - MAX_SPEARMAN_DROP
+        lines.append(
+            f"{s.contender}: {s.speedup_vs_gensim:.2f}x gensim's words/s (target >= {TARGET_SPEEDUP}x: "
+            f"{'met' if speed_ok else 'MISSED'}); analogy {100 * s.analogy_accuracy:.2f}% vs "
+            f"{100 * peer.analogy_accuracy:.2f}% ({'met' if analogy_ok else 'MISSED'}: at most 1 point below); "
+            f"wordsim353 Spearman {s.spearman:.3f} vs {peer.spearman:.3f} "
+            f"({'met' if spearman_ok else 'MISSED'}: at most 0.02 below)")
+    return lines
+
+
+def format_table(result: dict) -> str:
+    header = ("contender", "device", "words/s", "vs gensim", "train s", "vocab s", "analogy %", "ws353 rho", "runs")
+    rows = [header]
+    for c in result["contenders"]:
+        runs = c["runs"]
+        if not runs:
+            rows.append((c["contender"], c["device"], "-", "-", "-", "-", "-", "-", c["note"] or "0"))
+            continue
+        rows.append((c["contender"], c["device"], f"{c['words_per_second']:,.0f}",
+                     f"{c['speedup_vs_gensim']:.2f}x" if c["speedup_vs_gensim"] else "-",
+                     f"{statistics.median(r['train_seconds'] for r in runs):.1f}",
+                     f"{statistics.median(r['vocab_seconds'] for r in runs):.1f}",
+                     f"{100 * c['analogy_accuracy']:.2f}", f"{c['spearman']:.3f}", str(len(runs))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"word2vec training on {result['corpus']['name']} ({result['corpus']['words']:,} words), "
+             f"{json.dumps(result['hyperparameters'])}"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(v.ljust(widths[j]) if j < 2 else v.rjust(widths[j]) for j, v in enumerate(row)))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [""] + result["verdicts"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: dict, path: Path) -> bool:
+    """Words/s relative to gensim, and the two quality scores, side by side."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ran = [c for c in result["contenders"] if c["runs"]]
+    peer = next((c for c in ran if c["contender"] == GENSIM), None)
+    if not ran or peer is None:
+        return False
+    names = [c["contender"] for c in ran]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = [("words/s relative to gensim", [c["words_per_second"] / peer["words_per_second"] for c in ran], "%.2fx",
+               TARGET_SPEEDUP),
+              ("analogy accuracy (%)", [100 * c["analogy_accuracy"] for c in ran], "%.2f",
+               100 * (peer["analogy_accuracy"] - MAX_ANALOGY_DROP)),
+              ("wordsim353 Spearman", [c["spearman"] for c in ran], "%.3f", peer["spearman"] - MAX_SPEARMAN_DROP)]
+    for i, (title, values, fmt, target) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        bars = ax.bar(range(len(ran)), values, color=["tab:gray" if n == GENSIM else "tab:blue" for n in names])
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label="target")
+        ax.set_xticks(range(len(ran)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"word2vec: llmkit vs gensim on {result['corpus']['words']:,} words, "
+                 f"{result['hyperparameters']['epochs']} epoch(s)")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def save(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.fromisoformat(result["created"]).strftime("%Y%m%d-%H%M%S")
+    gpus = result["machine"]["cuda_devices"] if any(c["device"] == "cuda" and c["runs"]
+                                                    for c in result["contenders"]) else []
+    label = gpus[0] if gpus else result["machine"]["hostname"]
+    label = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-") or "unknown"
+    stem = out_dir / f"word2vec-{label}-{stamp}"
+    written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
+    written["json"].write_text(json.dumps(result, indent=2) + "\n")
+    written["txt"].write_text(format_table(result))
+    if write_plot(result, stem.with_suffix(".png")):
+        written["png"] = stem.with_suffix(".png")
+    return written
+
+
+def run_and_report(opts: RunOptions, out_dir: Path) -> dict:
+    result = run(opts, out_dir)
+    print(format_table(result))
+    for kind, path in save(result, out_dir).items():
+        print(f"wrote {kind}: {path}")
+    print(f"(word2vec: {result['wall_s']:.1f} s)\n")
+    return result
+
+
+register(Benchmark("word2vec", "word2vec training: llmkit vs gensim, words/s and embedding quality",
+                   cases=lambda opts: [], runner=run_and_report))

@@ -1,0 +1,55 @@
+"""`llmkit bench word2vec`: both trainers run on the same tokenized corpus,
+the ratios and verdicts follow from the measured runs, and the files are written."""
+
+import json
+
+import pytest
+
+from llmkit import bench
+from llmkit.bench import word2vec as w2v_bench
+
+pytest.importorskip("gensim")
+
+
+@pytest.fixture
+def tiny_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(w2v_bench, "QUICK_WORDS", 60_000)
+    args = ["word2vec", "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run_from_args(parser.parse_args(args)) == 0
+    written = sorted(tmp_path.iterdir())
+    return tmp_path, written
+
+
+def test_word2vec_bench_runs_every_cpu_contender_and_writes_results(tiny_run):
+    out_dir, written = tiny_run
+    suffixes = sorted(p.suffix for p in written)
+    assert suffixes == [".json", ".png", ".txt"]
+    result = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    runs = {c["contender"]: c for c in result["contenders"]}
+    assert set(runs) == {"llmkit", "llmkit per-pair", "gensim"}
+    assert result["hyperparameters"]["epochs"] == 1 and result["hyperparameters"]["sg"] == 1
+    for c in runs.values():
+        assert len(c["runs"]) == 1, c["note"]
+        run = c["runs"][0]
+        assert run["words_per_second"] == pytest.approx(result["corpus"]["words"] / run["train_seconds"])
+        assert 0.0 <= run["analogy_accuracy"] <= 1.0 and -1.0 <= run["spearman"] <= 1.0
+        assert run["vocabulary"] > 1000  # same min_count, same corpus: vocabularies of the same size
+    assert runs["llmkit"]["runs"][0]["vocabulary"] == runs["gensim"]["runs"][0]["vocabulary"]
+    ratio = runs["llmkit"]["words_per_second"] / runs["gensim"]["words_per_second"]
+    assert runs["llmkit"]["speedup_vs_gensim"] == pytest.approx(ratio)
+    assert result["verdicts"][0].startswith("--quick")
+    assert any(v.startswith("llmkit: ") and "gensim's words/s" in v for v in result["verdicts"])
+
+
+def test_word2vec_bench_verdicts_apply_the_issue_bounds():
+    s = w2v_bench.ContenderSummary
+    peer = s("gensim", "cpu", runs=[object()], words_per_second=100.0, analogy_accuracy=0.10, spearman=0.40)
+    good = s("llmkit", "cpu", runs=[object()], words_per_second=160.0, analogy_accuracy=0.091, spearman=0.381,
+             speedup_vs_gensim=1.6)
+    bad = s("slow", "cpu", runs=[object()], words_per_second=140.0, analogy_accuracy=0.089, spearman=0.379,
+            speedup_vs_gensim=1.4)
+    lines = w2v_bench._verdicts({"gensim": peer, "llmkit": good, "slow": bad}, quick=False)
+    assert "MISSED" not in lines[0] and lines[0].count("met") == 3
+    assert lines[1].count("MISSED") == 3
