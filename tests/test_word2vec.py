@@ -203,8 +203,14 @@ def test_bad_input(tmp_path):
         w2v.Word2Vec(["a plain string"], min_count=1, progress=False)
     with pytest.raises(FileNotFoundError):
         w2v.Word2Vec(corpus_file=tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="CPU only"):
-        w2v.Word2Vec(corpus, device="cuda")
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        w2v.Word2Vec(corpus, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            w2v.Word2Vec(corpus, device="cuda")
+    elif hasattr(_C.word2vec, "train_chunk_cuda"):
+        with pytest.raises(ValueError, match="per-pair loop is CPU only"):
+            w2v.Word2Vec(corpus, device="cuda", shared_negatives=False)
     syn0, syn1 = torch.zeros(3, 4), torch.zeros(3, 4)
     ids, offsets = _chunk([[0, 1, 5]])
     with pytest.raises(ValueError, match="outside"):

@@ -12,6 +12,11 @@ transformers' SDPA attention and once with attn_implementation="llmkit"
 Longformer-style sliding window with a global token at seqlen 8192, which
 dense attention would need a 64M-entry mask for; then `llmkit bench
 attention --quick`.
+
+Word embeddings: word2vec skip-gram trained on the corpus llmkit ships
+(5.6 M words, about a minute on 2 cores), then analogies, nearest
+neighbours, the analogy / wordsim353 scores, Bolukbasi et al.'s extreme
+she/he occupations and a 2-D PCA plot (PNG) of gendered word pairs.
 """
 from __future__ import annotations
 
@@ -243,6 +248,99 @@ def _save_loss_plot(losses: list[float], title: str) -> str | None:
     return str(path)
 
 
+# (a, b, c, expected): a - b + c should be near `expected` (3CosAdd, as gensim's most_similar).
+DEMO_ANALOGIES = [("king", "man", "woman", "queen"), ("king", "he", "she", "queen"), ("him", "he", "she", "her"),
+                  ("took", "take", "give", "gave"), ("went", "go", "see", "saw"), ("boys", "boy", "girl", "girls"),
+                  ("walked", "walk", "run", "ran"), ("brother", "man", "woman", "sister"),
+                  ("better", "good", "bad", "worse"), ("paris", "france", "italy", "rome")]
+DEMO_NEIGHBOURS = ["france", "tuesday", "river", "night", "god", "computer"]
+DEMO_PCA_PAIRS = [("man", "woman"), ("king", "queen"), ("he", "she"), ("brother", "sister"), ("father", "mother"),
+                  ("son", "daughter"), ("boy", "girl"), ("uncle", "aunt"), ("husband", "wife"), ("lord", "lady")]
+
+
+def word_embeddings() -> list[str]:
+    """word2vec skip-gram on the shipped corpus: analogies, neighbours, scores, the bias table, a PCA plot."""
+    from llmkit.data import english_corpus_sentences
+    from llmkit.embeddings import Word2Vec
+    from llmkit.embeddings.bias import bias_report
+
+    print("word2vec: skip-gram, negative sampling (5, shared per window), window 5, dim 100, 5 epochs on the "
+          "shipped corpus (lowercased, punctuation dropped)...", file=sys.stderr)
+    model = Word2Vec(english_corpus_sentences(), workers=max(1, torch.get_num_threads()), seed=1)
+    kv, stats = model.wv, model.training_stats[-1]
+    lines = [f"word2vec on the shipped corpus ({model.corpus_total_words:,} words, vocabulary {len(kv):,} at "
+             f"min_count 5): {stats['seconds']:.1f} s, {stats['words_per_second']:,.0f} words/s, "
+             f"loss {stats['loss_per_example']:.3f}/example"]
+    lines.append("  analogies (a - b + c, top 3; * marks the expected word):")
+    for a, b, c, expected in DEMO_ANALOGIES:
+        if any(w not in kv for w in (a, b, c)):
+            continue
+        top = [w for w, _ in kv.most_similar(positive=[a, c], negative=[b], topn=3)]
+        shown = ", ".join(f"*{w}*" if w == expected else w for w in top)
+        lines.append(f"    {a} - {b} + {c} = {shown}" + ("" if expected in top else f"   (expected {expected})"))
+    lines.append("  nearest neighbours (cosine):")
+    for word in DEMO_NEIGHBOURS:
+        if word in kv:
+            lines.append(f"    {word:9s} " + ", ".join(w for w, _ in kv.most_similar(word, topn=6)))
+    try:
+        from gensim.test.utils import datapath
+
+        analogy, _ = kv.evaluate_word_analogies(datapath("questions-words.txt"))
+        _, spearman, oov = kv.evaluate_word_pairs(datapath("wordsim353.tsv"))
+        lines.append(f"  questions-words.txt analogy accuracy {100 * analogy:.2f}%; wordsim353 Spearman "
+                     f"{spearman[0]:.3f} ({oov:.1f}% pairs out of vocabulary); `llmkit bench word2vec` "
+                     "compares with gensim")
+    except ImportError:
+        lines.append("  (gensim is not installed: its questions-words.txt / wordsim353.tsv are not available)")
+    lines.append("")
+    lines.append("  Bias (Bolukbasi et al. 2016), `llmkit embeddings bias`:")
+    lines += ["    " + line for line in bias_report(kv, n=8).splitlines()]
+    plot = _save_pca_plot(kv, DEMO_PCA_PAIRS)
+    if plot:
+        lines.append(f"  2-D PCA of gendered word pairs: {plot}")
+    return lines
+
+
+def _save_pca_plot(kv, pairs) -> str | None:
+    """The pairs' unit vectors projected on their first two principal components, an arrow per pair."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from llmkit.bench.harness import default_out_dir
+    except ImportError:
+        return None
+    import numpy as np
+
+    pairs = [(a, b) for a, b in pairs if a in kv and b in kv]
+    if len(pairs) < 2:
+        return None
+    words = [w for pair in pairs for w in pair]
+    x = np.stack([kv.get_vector(w, norm=True) for w in words])
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    out_dir = default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "demo-word2vec-pca.png"
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for i in range(len(pairs)):
+        (x0, y0), (x1, y1) = xy[2 * i], xy[2 * i + 1]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="tab:gray", lw=0.8))
+        ax.scatter([x0, x1], [y0, y1], c=["tab:blue", "tab:red"], s=14)
+        ax.annotate(pairs[i][0], (x0, y0), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(pairs[i][1], (x1, y1), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_title("word2vec on llmkit's corpus: PCA of he/she-type pairs (arrows point male -> female)", fontsize=9)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def main() -> int:
     try:
         from llmkit import ops  # noqa: F401
@@ -282,7 +380,9 @@ def main() -> int:
     print("Attention benchmark (quick shapes; `llmkit bench attention` runs seqlen 1k-16k):\n")
     result = run_benchmark(registered()["attention"], make_options(quick=True))
     print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved)")
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
+
+    print("\n".join(word_embeddings()))
     return 0
 
 

@@ -157,9 +157,17 @@ class Word2Vec:
             _check_positive_int("max_vocab_size", max_vocab_size)
         if sg not in (0, 1):
             raise ValueError(f"sg must be 0 (CBOW) or 1 (skip-gram), got {sg!r}")
-        if str(device) != "cpu":
-            raise ValueError(f"device={device!r}: llmkit's word2vec trainer runs on the CPU only so far "
-                             "(a CUDA trainer is planned)")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from None
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if self.device.type == "cuda":
+            _check_cuda_trainer(self.device)
+            if sg and not shared_negatives:
+                raise ValueError("the CUDA trainer always shares one draw of negatives per window "
+                                 "(shared_negatives=True); the per-pair loop is CPU only")
         if sentences is not None and corpus_file is not None:
             raise ValueError("give sentences or corpus_file, not both")
         self.vector_size, self.window, self.min_count = vector_size, window, min_count
@@ -176,7 +184,7 @@ class Word2Vec:
         self.shared_negatives = bool(shared_negatives)
         self.chunk_words, self.cache_words = chunk_words, cache_words
         self.wv = None
-        self.syn1neg: torch.Tensor | None = None
+        self.syn1neg: torch.Tensor | None = None  # on the CPU (a CUDA run trains a copy and writes it back)
         self.corpus_total_words = 0
         self.running_training_loss = 0.0
         self.training_stats: list[dict] = []
@@ -264,6 +272,13 @@ class Word2Vec:
         epochs = self.epochs if epochs is None else epochs
         _check_positive_int("epochs", epochs)
         total = epochs * self.retained_words
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:  # the weights, thresholds and noise table live on the GPU for the run
+            syn0, syn1neg = self._syn0.to(self.device), self.syn1neg.to(self.device)
+            keep, noise = self._keep.to(self.device), self._noise.to(self.device)
+            device_chunks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        else:
+            syn0, syn1neg, keep, noise = self._syn0, self.syn1neg, self._keep, self._noise
         done = 0
         self.running_training_loss = 0.0
         examples = trained = 0
@@ -272,14 +287,27 @@ class Word2Vec:
                    dynamic_ncols=True)
         with bar:
             for epoch in range(epochs):
-                for ids, offsets in self._epoch_chunks(sentences):
+                for number, (ids, offsets) in enumerate(self._epoch_chunks(sentences)):
                     n = ids.numel()
                     a0 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, done / total)
                     a1 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, (done + n) / total)
-                    stats = _C.word2vec.train_chunk(
-                        self._syn0, self.syn1neg, ids, offsets, self._keep, self._noise, self.window, self.negative,
-                        a0, a1, self.workers, (self.seed * 1_000_003 + epoch * 7919 + done) % 2**63,
-                        bool(self.sg), bool(self.cbow_mean), self.compute_loss, self.shared_negatives)
+                    seed = (self.seed * 1_000_003 + epoch * 7919 + done) % 2**63
+                    if on_gpu:
+                        # Encoded chunks stay on the GPU across epochs when they fit the cache budget.
+                        if number not in device_chunks:
+                            moved = (ids.to(self.device), offsets.to(self.device))
+                            if self.retained_words <= self.cache_words:
+                                device_chunks[number] = moved
+                        else:
+                            moved = device_chunks[number]
+                        stats = _C.word2vec.train_chunk_cuda(
+                            syn0, syn1neg, moved[0], moved[1], keep, noise, self.window, self.negative, a0, a1, seed,
+                            bool(self.sg), bool(self.cbow_mean), self.compute_loss)
+                    else:
+                        stats = _C.word2vec.train_chunk(
+                            syn0, syn1neg, ids, offsets, keep, noise, self.window, self.negative, a0, a1,
+                            self.workers, seed, bool(self.sg), bool(self.cbow_mean), self.compute_loss,
+                            self.shared_negatives)
                     done += n
                     examples += stats["examples"]
                     trained += stats["trained_words"]
@@ -290,11 +318,15 @@ class Word2Vec:
                     if self.compute_loss and examples:
                         postfix["loss"] = f"{self.running_training_loss / examples:.3f}"
                     bar.set_postfix(postfix)
+        if on_gpu:  # .wv's array and syn1neg are the CPU copies
+            self._syn0.copy_(syn0.cpu())
+            self.syn1neg.copy_(syn1neg.cpu())
         elapsed = time.perf_counter() - start
         self.training_stats.append({"epochs": epochs, "words": done, "trained_words": trained,
                                     "examples": examples, "seconds": elapsed,
                                     "words_per_second": done / max(elapsed, 1e-9),
-                                    "loss_per_example": self.running_training_loss / max(examples, 1)})
+                                    "loss_per_example": self.running_training_loss / max(examples, 1),
+                                    "device": str(self.device)})
         if hasattr(self.wv, "fill_norms"):
             self.wv.fill_norms(force=True)  # the vectors changed in place: recompute cached norms
         return self
@@ -302,6 +334,16 @@ class Word2Vec:
     def get_latest_training_loss(self) -> float:
         """Sum of the negative-sampling losses of the last train() (gensim's name)."""
         return self.running_training_loss
+
+
+def _check_cuda_trainer(device: torch.device) -> None:
+    from llmkit import _C
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: torch sees no CUDA device here")
+    if not hasattr(_C.word2vec, "train_chunk_cuda"):
+        raise ValueError(f"device={str(device)!r}: this llmkit build has no CUDA kernels (rebuild with nvcc and a "
+                         "CUDA build of torch)")
 
 
 def _check_positive_int(name: str, value) -> None:
