@@ -3,7 +3,7 @@
 # parametrisations included), compute-sanitizer memcheck (and racecheck for
 # attention) on small cases of each kernel, and the benchmarks; logs and JSON go to $OUT (or $1).
 # Made for the device machine: NVIDIA GPU, no internet, torch + nvcc + cmake +
-# ninja + scikit-build-core already installed. Budget: under 8 minutes.
+# ninja + scikit-build-core already installed. Budget: under 10 minutes.
 #   bash bench/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +97,29 @@ print("sanitize lora done")
 PYEOF
     timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY "$OUT_DIR/sanitize_lora.py" > "$OUT_DIR/lora-memcheck.log" 2>&1
     log "nf4_linear / lora memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/lora-memcheck.log" | tail -1)"
+    log "compute-sanitizer memcheck (small word2vec CUDA chunks: skip-gram and CBOW, odd dims, tiny sentences)"
+    cat > "$OUT_DIR/sanitize_word2vec.py" <<'PYEOF'
+import numpy as np, torch, llmkit
+from llmkit import _C
+from llmkit.embeddings.word2vec import keep_thresholds, keep_probabilities, noise_table
+rng = np.random.default_rng(0)
+for vocab, dim in [(1, 1), (7, 33), (50, 100), (300, 130)]:
+    counts = rng.integers(1, 100, vocab)
+    lengths = [0, 1, 2, 5, 17, 300]
+    ids = torch.from_numpy(rng.integers(0, vocab, sum(lengths)).astype(np.int32)).cuda()
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64).cuda()
+    keep = keep_thresholds(keep_probabilities(counts, 1e-3)).cuda()
+    noise = noise_table(counts).cuda()
+    syn0 = (torch.rand(vocab, dim, device="cuda") - 0.5) / dim
+    syn1 = torch.zeros(vocab, dim, device="cuda")
+    for sg in (True, False):
+        for window in (1, 5, 40):
+            _C.word2vec.train_chunk_cuda(syn0, syn1, ids, offsets, keep, noise, window, 5, 0.025, 0.01, 7, sg, True, True)
+torch.cuda.synchronize()
+print("sanitize word2vec done")
+PYEOF
+    timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY "$OUT_DIR/sanitize_word2vec.py" > "$OUT_DIR/word2vec-memcheck.log" 2>&1
+    log "word2vec memcheck exit $?: $(grep -E 'ERROR SUMMARY' "$OUT_DIR/word2vec-memcheck.log" | tail -1)"
     for tool in memcheck racecheck; do
         timeout 240 compute-sanitizer --tool $tool --error-exitcode 3 $PY "$OUT_DIR/sanitize_attention.py" \
             > "$OUT_DIR/attention-$tool.log" 2>&1
@@ -110,4 +133,9 @@ log "benchmarks"
 timeout 300 $PY -m llmkit.bench nf4 attention lora --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench.log" 2>&1
 log "bench exit $?"
 tail -60 "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
+# word2vec: llmkit on the GPU and on 2 CPU threads, gensim on 2 (the issue's settings), one run each.
+log "word2vec benchmark"
+timeout 360 $PY -m llmkit.bench word2vec --device all --out "$OUT_DIR" > "$OUT_DIR/bench-word2vec.log" 2>&1
+log "word2vec bench exit $?"
+tail -15 "$OUT_DIR/bench-word2vec.log" >> "$OUT_DIR/summary.txt"
 log "done; results in $OUT_DIR"

@@ -1,5 +1,5 @@
 """The C++ word2vec trainer (llmkit._C.word2vec) and llmkit.embeddings.Word2Vec:
-one update against a float64 reference, the noise and subsampling
+one update and a whole chunk (draw for draw) against float64 references, the noise and subsampling
 distributions statistically, determinism, learning on a structured corpus,
 and bad input."""
 
@@ -75,6 +75,92 @@ def test_shared_negatives_window_matches_float64_reference(dim):
     torch.testing.assert_close(syn0.double(), ref0, rtol=0, atol=1e-6)
     torch.testing.assert_close(syn1.double(), ref1, rtol=0, atol=1e-6)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+class _Lcg:
+    """word2vec.c's generator as the trainer uses it (word2vec.h)."""
+
+    def __init__(self, seed):
+        self.state = seed % 2**64
+
+    def next(self):
+        self.state = (self.state * 25214903917 + 11) % 2**64
+        return self.state
+
+    def bits32(self):
+        return self.next() >> 32
+
+
+def reference_train_chunk(syn0, syn1, sentences, keep, cum, window, negative, alpha, seed, mode):
+    """The whole one-worker trainer in float64, draw for draw: subsampling, the
+    shrinking window, noise draws, and each update (mode: "pairs", "shared", "cbow")."""
+    syn0, syn1 = syn0.double().clone(), syn1.double().clone()
+    rng = _Lcg(seed)
+    keep = [int(k) & 0xFFFFFFFF for k in keep]
+    cum = [int(c) for c in cum]
+
+    def noise():
+        r = rng.bits32() % cum[-1]
+        return int(np.searchsorted(cum, r, side="right"))
+
+    for raw in sentences:
+        sentence = [w for w in raw if keep[w] == 0xFFFFFFFF or rng.bits32() < keep[w]]
+        for pos, word in enumerate(sentence):
+            b = rng.next() % window
+            lo, hi = max(0, pos - window + b), min(len(sentence) - 1, pos + window - b)
+            context = [sentence[c] for c in range(lo, hi + 1) if c != pos]
+            if mode == "shared":
+                if not context:
+                    continue
+                drawn = [noise() for _ in range(negative)]
+                syn0, syn1, _ = reference_window_step(syn0, syn1, context, word, drawn, alpha)
+            elif mode == "pairs":
+                for c in context:
+                    # The reference step draws nothing: take the draws here, in the trainer's order.
+                    drawn = [noise() for _ in range(negative)]
+                    syn0, syn1, _ = reference_sgns_step(syn0, syn1, c, word, drawn, alpha)
+            else:  # CBOW, gensim's cbow_mean: mean input, error divided by the count
+                if not context:
+                    continue
+                h = syn0[context].mean(0)
+                neu1e = torch.zeros_like(h)
+                for d in range(negative + 1):
+                    target, label = (word, 1.0) if d == 0 else (noise(), 0.0)
+                    if d > 0 and target == word:
+                        continue
+                    f = float(h @ syn1[target])
+                    sig = 1.0 if f > 6 else 0.0 if f < -6 else 1 / (1 + math.exp(-f))
+                    g = (label - sig) * alpha
+                    neu1e += g * syn1[target]
+                    syn1[target] += g * h
+                for c in context:
+                    syn0[c] += neu1e / len(context)
+    return syn0, syn1
+
+
+@pytest.mark.parametrize("mode", ["pairs", "shared", "cbow"])
+def test_a_whole_chunk_matches_a_float64_replay(mode):
+    """Step by step on a tiny corpus: with one worker, the C++ trainer's result
+    equals a float64 re-implementation making the same generator draws."""
+    rng = np.random.default_rng(3)
+    vocab, dim, window, negative, alpha, seed = 9, 8, 3, 4, 0.05, 12345
+    counts = rng.integers(5, 60, vocab)
+    sentences = [list(rng.integers(0, vocab, n)) for n in (7, 1, 0, 12, 5, 30)]
+    keep = w2v.keep_thresholds(w2v.keep_probabilities(counts, 0.05))  # some words dropped, some always kept
+    assert (keep == -1).any() and (keep != -1).any()
+    cum = w2v.noise_table(counts)
+    g = torch.Generator().manual_seed(0)
+    syn0 = (torch.rand(vocab, dim, generator=g) - 0.5)
+    syn1 = torch.randn(vocab, dim, generator=g) * 0.3
+    ref0, ref1 = reference_train_chunk(syn0, syn1, sentences, keep.tolist(), cum.tolist(), window, negative, alpha,
+                                       seed, mode)
+    ids, offsets = _chunk(sentences)
+    stats = _C.word2vec.train_chunk(syn0, syn1, ids, offsets, keep, cum, window, negative, alpha, alpha, 1, seed,
+                                    mode != "cbow", True, True, mode == "shared")
+    assert stats["raw_words"] == sum(map(len, sentences))
+    assert 0 < stats["trained_words"] < stats["raw_words"]
+    torch.testing.assert_close(syn0.double(), ref0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(syn1.double(), ref1, rtol=0, atol=1e-5)
 
 
 def test_clipped_sigmoid_beyond_max_exp():
