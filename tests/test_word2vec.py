@@ -163,6 +163,18 @@ def test_a_whole_chunk_matches_a_float64_replay(mode):
     torch.testing.assert_close(syn1.double(), ref1, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("counts", [[7], [5, 0, 0, 3, 0, 1], list(range(1, 3000)), [10**6, 1, 1, 1]],
+                         ids=["one-word", "zero-weights", "3000-words", "skewed"])
+def test_noise_draws_are_the_upper_bound_of_the_draw(counts):
+    """The guide-table sampler returns exactly gensim's answer: the first cum_table entry above the draw."""
+    cum = w2v.noise_table(np.array(counts, dtype=np.float64))
+    got = _C.word2vec.sample_noise(cum, 20000, 77)
+    rng = _Lcg(77)
+    draws = np.array([rng.bits32() % int(cum[-1]) for _ in range(20000)])
+    expected = np.searchsorted(cum.numpy().astype(np.int64), draws, side="right")
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
 def test_clipped_sigmoid_beyond_max_exp():
     syn0 = torch.full((3, 4), 2.0)
     syn1 = torch.full((3, 4), 2.0)  # f = 16 > 6: sigma = 1, no update for the true word

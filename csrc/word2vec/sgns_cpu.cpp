@@ -45,6 +45,55 @@ LLMKIT_W2V_INLINE void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// Eight floats as one value (GCC vector extension): AVX registers in the AVX2
+// build, pairs of SSE registers in the baseline one. Unaligned, may alias.
+typedef float F8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float F4 __attribute__((vector_size(16), aligned(4), may_alias));
+
+LLMKIT_W2V_INLINE float hsum(F8 v) {
+  const F4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const F4 b = a + __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  return b[0] + b[1];
+}
+
+// out[r] = a . rows[r] for r < 3 in one pass over a (three accumulators: the
+// row of `a` is loaded once, and the three sums do not wait on each other).
+LLMKIT_W2V_INLINE void dot3(const float* a, const float* r0, const float* r1, const float* r2, int64_t n, float* out) {
+  F8 s0 = {}, s1 = {}, s2 = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 x = *reinterpret_cast<const F8*>(a + i);
+    s0 += x * *reinterpret_cast<const F8*>(r0 + i);
+    s1 += x * *reinterpret_cast<const F8*>(r1 + i);
+    s2 += x * *reinterpret_cast<const F8*>(r2 + i);
+  }
+  float t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2);
+  for (; i < n; ++i) {
+    t0 += a[i] * r0[i];
+    t1 += a[i] * r1[i];
+    t2 += a[i] * r2[i];
+  }
+  out[0] = t0;
+  out[1] = t1;
+  out[2] = t2;
+}
+
+// y += sum_r coef[r] * rows[r], each element of y read and written once.
+LLMKIT_W2V_INLINE void add_combination(float* y, const float* const* rows, const float* coef, int64_t count,
+                                       int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    F8 acc = *reinterpret_cast<const F8*>(y + i);
+    for (int64_t r = 0; r < count; ++r) acc += coef[r] * *reinterpret_cast<const F8*>(rows[r] + i);
+    *reinterpret_cast<F8*>(y + i) = acc;
+  }
+  for (; i < n; ++i) {
+    float acc = y[i];
+    for (int64_t r = 0; r < count; ++r) acc += coef[r] * rows[r][i];
+    y[i] = acc;
+  }
+}
+
 struct Model {
   float* syn0;
   float* syn1neg;
@@ -55,12 +104,33 @@ struct Model {
 struct Noise {
   const uint32_t* cum;  // cumulative unigram^0.75 weights, scaled to < 2^31 (gensim's cum_table)
   int64_t size;
+  // Chen & Asau's guide table: guide[b] is the answer for the smallest draw of
+  // bucket b = r * size / total, so a draw scans forward from there (about one
+  // step) instead of a 16-step binary search of dependent, mispredicted loads.
+  // The result is exactly upper_bound's.
+  const int32_t* guide = nullptr;
 
   LLMKIT_W2V_INLINE int32_t sample(Lcg& rng) const {
-    const uint32_t r = rng.bits32() % cum[size - 1];
-    return static_cast<int32_t>(std::upper_bound(cum, cum + size, r) - cum);
+    const uint32_t total = cum[size - 1];
+    const uint32_t r = rng.bits32() % total;
+    if (guide == nullptr) return static_cast<int32_t>(std::upper_bound(cum, cum + size, r) - cum);
+    int64_t i = guide[static_cast<uint64_t>(r) * static_cast<uint64_t>(size) / total];
+    while (cum[i] <= r) ++i;
+    return static_cast<int32_t>(i);
   }
 };
+
+std::vector<int32_t> make_guide(const uint32_t* cum, int64_t size) {
+  std::vector<int32_t> guide(size);
+  const uint64_t total = cum[size - 1];
+  int64_t i = 0;
+  for (int64_t b = 0; b < size; ++b) {
+    const uint64_t r_min = (static_cast<uint64_t>(b) * total + size - 1) / size;  // ceil(b * total / size)
+    while (i < size - 1 && cum[i] <= r_min) ++i;
+    guide[b] = static_cast<int32_t>(i);
+  }
+  return guide;
+}
 
 struct Settings {
   int64_t window;
@@ -124,20 +194,23 @@ LLMKIT_W2V_INLINE void negative_sampling_step(const Model& m, const float* l1, i
 // Skip-gram with the window's negatives shared (Ji et al., pWord2Vec /
 // HogBatch): the k context rows of the window all predict `word` against the
 // same `negative` noise words, so the update is three small matrix products
-// on row copies (scores S = In Out^T, then dIn = G Out and dOut = G^T In with
+// (scores S = In Out^T, then dIn = G Out and dOut = G^T In with
 // G = alpha (label - sigma(S))) instead of k separate dot/axpy sweeps that
-// each re-read the output rows. All contexts see the output rows as they were
-// when the window started (the classic loop updates them between contexts).
+// each re-read the output rows. All contexts see the rows as they were when
+// the window started (the classic loop updates them between contexts): dOut
+// is computed into a buffer before any input row changes, and the input rows
+// are updated before any output row changes, so no row needs a copy.
 struct WindowBuffers {
-  std::vector<float> in, out, d_in, d_out, g;
+  std::vector<float> d_out, g, scores, column;
   std::vector<int32_t> targets;
+  std::vector<const float*> rows;
   void resize(int64_t max_context, int64_t max_targets, int64_t dim) {
-    in.resize(max_context * dim);
-    d_in.resize(max_context * dim);
-    out.resize(max_targets * dim);
     d_out.resize(max_targets * dim);
     g.resize(max_context * max_targets);
+    scores.resize(max_targets + 2);  // dot3 writes whole groups of three
+    column.resize(max_context);
     targets.resize(max_targets);
+    rows.resize(std::max(max_context, max_targets));
   }
 };
 
@@ -152,31 +225,41 @@ LLMKIT_W2V_INLINE void shared_negatives_window(const Model& m, const int32_t* co
     const int32_t n = given != nullptr ? given[d] : noise.sample(rng);
     if (n != word) b.targets[t++] = n;
   }
-  for (int64_t i = 0; i < k; ++i) std::memcpy(&b.in[i * D], m.syn0 + static_cast<int64_t>(context[i]) * D, D * 4);
-  for (int64_t j = 0; j < t; ++j) std::memcpy(&b.out[j * D], m.syn1neg + static_cast<int64_t>(b.targets[j]) * D, D * 4);
+  auto in_row = [&](int64_t i) { return m.syn0 + static_cast<int64_t>(context[i]) * D; };
+  auto out_row = [&](int64_t j) { return m.syn1neg + static_cast<int64_t>(b.targets[j]) * D; };
+  float* g = b.g.data();  // (k, t) row-major
   for (int64_t i = 0; i < k; ++i) {
+    const float* in = in_row(i);
+    for (int64_t j = 0; j < t; j += 3) {  // three targets per pass; a short group repeats its last row
+      const float* r0 = out_row(j);
+      const float* r1 = j + 1 < t ? out_row(j + 1) : r0;
+      const float* r2 = j + 2 < t ? out_row(j + 2) : r1;
+      dot3(in, r0, r1, r2, D, &b.scores[j]);
+    }
     for (int64_t j = 0; j < t; ++j) {
-      const float f = dot(&b.in[i * D], &b.out[j * D], D);
+      const float f = b.scores[j];
       const float label = j == 0 ? 1.0f : 0.0f;
       const float sig = f > kMaxExp ? 1.0f : (f < -kMaxExp ? 0.0f : 1.0f / (1.0f + std::exp(-f)));
       if (compute_loss) {
         const float z = j == 0 ? f : -f;
         loss += z > kMaxExp ? 0.0 : (z < -kMaxExp ? static_cast<double>(-z) : std::log1p(std::exp(-static_cast<double>(z))));
       }
-      b.g[i * t + j] = (label - sig) * alpha;
+      g[i * t + j] = (label - sig) * alpha;
     }
   }
-  std::fill(b.d_in.begin(), b.d_in.begin() + k * D, 0.0f);
-  std::fill(b.d_out.begin(), b.d_out.begin() + t * D, 0.0f);
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j < t; ++j) {
-      const float g = b.g[i * t + j];
-      axpy(g, &b.out[j * D], &b.d_in[i * D], D);
-      axpy(g, &b.in[i * D], &b.d_out[j * D], D);
-    }
+  // dOut_j = sum_i G_ij In_i, from the input rows before they change.
+  for (int64_t i = 0; i < k; ++i) b.rows[i] = in_row(i);
+  for (int64_t j = 0; j < t; ++j) {
+    float* d_out = &b.d_out[j * D];
+    std::fill(d_out, d_out + D, 0.0f);
+    for (int64_t i = 0; i < k; ++i) b.column[i] = g[i * t + j];
+    add_combination(d_out, b.rows.data(), b.column.data(), k, D);
   }
-  for (int64_t i = 0; i < k; ++i) axpy(1.0f, &b.d_in[i * D], m.syn0 + static_cast<int64_t>(context[i]) * D, D);
-  for (int64_t j = 0; j < t; ++j) axpy(1.0f, &b.d_out[j * D], m.syn1neg + static_cast<int64_t>(b.targets[j]) * D, D);
+  // In_i += sum_j G_ij Out_j, from the output rows before they change.
+  for (int64_t j = 0; j < t; ++j) b.rows[j] = out_row(j);
+  for (int64_t i = 0; i < k; ++i) add_combination(m.syn0 + static_cast<int64_t>(context[i]) * D, b.rows.data(),
+                                                  &g[i * t], t, D);
+  for (int64_t j = 0; j < t; ++j) axpy(1.0f, &b.d_out[j * D], out_row(j), D);
 }
 
 struct Corpus {
@@ -349,7 +432,9 @@ py::dict train_chunk(at::Tensor syn0, at::Tensor syn1neg, const at::Tensor& ids,
                     "word2vec: offsets must be a contiguous 1-D tensor of sentence starts plus the end");
   TORCH_CHECK_VALUE(keep.scalar_type() == at::kInt && keep.numel() == vocab && keep.is_contiguous(),
                     "word2vec: keep must be int32 thresholds, one per vocabulary word");
-  const Noise noise = check_noise(cum_table, vocab);
+  Noise noise = check_noise(cum_table, vocab);
+  const std::vector<int32_t> guide = make_guide(noise.cum, noise.size);
+  noise.guide = guide.data();
   TORCH_CHECK_VALUE(window >= 1, "word2vec: window must be >= 1, got ", window);
   TORCH_CHECK_VALUE(negative >= 1, "word2vec: negative must be >= 1 (negative sampling), got ", negative);
   TORCH_CHECK_VALUE(workers >= 1, "word2vec: workers must be >= 1, got ", workers);
@@ -454,7 +539,9 @@ double sgns_window_step(at::Tensor syn0, at::Tensor syn1neg, const at::Tensor& c
 
 // `n` draws of the noise distribution (tests check it statistically).
 at::Tensor sample_noise(const at::Tensor& cum_table, int64_t n, uint64_t seed) {
-  const Noise noise = check_noise(cum_table, cum_table.numel());
+  Noise noise = check_noise(cum_table, cum_table.numel());
+  const std::vector<int32_t> guide = make_guide(noise.cum, noise.size);
+  noise.guide = guide.data();
   at::Tensor out = at::empty({n}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   Lcg rng(seed);

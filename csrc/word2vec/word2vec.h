@@ -11,7 +11,8 @@
 //   * subsampling keeps word w with probability keep[w] (computed by the
 //     caller from word2vec.c's formula), drawn before windows are formed;
 //   * negatives are drawn from the unigram^0.75 distribution through a
-//     cumulative table (gensim's cum_table: binary search on a 31-bit draw);
+//     cumulative table (gensim's cum_table: the upper bound of a 31-bit draw,
+//     found through a guide table instead of a binary search);
 //   * sigmoid is exact, clipped to 0 / 1 beyond |f| > 6 (word2vec.c's MAX_EXP);
 //   * the learning rate decays linearly over the words processed;
 //   * each thread has its own word2vec.c linear congruential generator.
@@ -43,5 +44,6 @@ inline constexpr float kMaxExp = 6.0f;
 
 // Registers the word2vec functions on the extension module (called from ops.cpp).
 void bind(pybind11::module_& m);
+void bind_glove(pybind11::module_& m);
 
 }  // namespace llmkit::word2vec
