@@ -100,4 +100,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = LLMKIT_TORCH_VERSION;
   m.attr("cuda_archs") = LLMKIT_CUDA_ARCHS;
   llmkit::word2vec::bind(m);  // _C.word2vec: the trainer (not a tensor op)
+  llmkit::word2vec::bind_glove(m);  // _C.glove: co-occurrence counts and the AdaGrad trainer
 }

@@ -7,11 +7,13 @@
 (``save_word2vec_format`` / ``load_word2vec_format``) that gensim reads and
 writes byte for byte. :class:`Word2Vec` trains them (gensim's parameters,
 word2vec.c's conventions) on the C++ trainer in csrc/word2vec/.
+:class:`GloVe` trains GloVe vectors (Stanford's counting and AdaGrad, C++ too).
 :mod:`llmkit.embeddings.bias`: Bolukbasi et al.'s gender direction, extreme
 occupations, DirectBias and hard debiasing.
 """
 
 from . import bias
+from .glove import GloVe
 from .keyed_vectors import CorrelationResult, KeyedVectors
 from .word2vec import LineSentence, Word2Vec
 
@@ -19,6 +21,7 @@ __all__ = [
     "KeyedVectors",
     "CorrelationResult",
     "Word2Vec",
+    "GloVe",
     "LineSentence",
     "bias",
 ]

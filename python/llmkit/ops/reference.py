@@ -239,3 +239,53 @@ def lora_linear(x, base, bias, lora_A, lora_B, scaling: float, dropout_p: float 
         y = nf4_linear(x, base[0], base[1], bias)
     xd = lora_dropout(x, dropout_p, seed)
     return y + scaling * (xd @ lora_A.double().T) @ lora_B.double().T
+
+
+# ----------------------------------------------------------------- GloVe --
+
+def glove_cooccurrences(sentences, vocab: int, window: int, symmetric: bool = True,
+                        distance_weighting: bool = True) -> torch.Tensor:
+    """Reference of ``llmkit._C.glove`` counting: the dense (vocab, vocab) float64 matrix X.
+    `sentences` are lists of ids; for the word at i and each earlier word at distance d
+    (1..window, same sentence), X[w_i, w_{i-d}] += 1/d and, if symmetric, X[w_{i-d}, w_i] += 1/d."""
+    X = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for sentence in sentences:
+        for i, w in enumerate(sentence):
+            for d in range(1, min(window, i) + 1):
+                v = 1.0 / d if distance_weighting else 1.0
+                X[w, sentence[i - d]] += v
+                if symmetric:
+                    X[sentence[i - d], w] += v
+    return X
+
+
+def glove_weighting(x, x_max: float = 100.0, alpha: float = 0.75):
+    """GloVe's f(x) = (x / x_max)^alpha, 1 for x >= x_max."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return torch.where(x < x_max, (x / x_max) ** alpha, torch.ones_like(x))
+
+
+def glove_step(W, C, gradsq_W, gradsq_C, row: int, col: int, x: float, x_max: float = 100.0, alpha: float = 0.75,
+               learning_rate: float = 0.05):
+    """Reference of ``llmkit._C.glove.glove_step`` in float64 (Stanford glove.c's update): returns new
+    (W, C, gradsq_W, gradsq_C, cost). Rows hold the vector then the bias; with g = lr f(x) diff,
+    diff = w.c + b_w + b_c - log x: w -= g c / sqrt(G_w), G_w += (g c)^2, c likewise from the old w,
+    b -= g / sqrt(G_b), G_b += g^2. cost = 0.5 f(x) diff^2."""
+    import math
+
+    W, C, GW, GC = (t.double().clone() for t in (W, C, gradsq_W, gradsq_C))
+    w, c = W[row].clone(), C[col].clone()
+    diff = float(w[:-1] @ c[:-1] + w[-1] + c[-1]) - math.log(x)
+    fx = float(glove_weighting(x, x_max, alpha))
+    cost = 0.5 * fx * diff * diff
+    g = learning_rate * fx * diff
+    t1, t2 = g * c[:-1], g * w[:-1]
+    W[row, :-1] -= t1 / GW[row, :-1].sqrt()
+    C[col, :-1] -= t2 / GC[col, :-1].sqrt()
+    GW[row, :-1] += t1 * t1
+    GC[col, :-1] += t2 * t2
+    W[row, -1] -= g / GW[row, -1].sqrt()
+    C[col, -1] -= g / GC[col, -1].sqrt()
+    GW[row, -1] += g * g
+    GC[col, -1] += g * g
+    return W, C, GW, GC, cost
