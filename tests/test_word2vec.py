@@ -345,3 +345,13 @@ def test_cli_train_eval_bias(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "nurse" in text and "carpenter" in text
     assert cli.main(["word2vec", "eval", str(tmp_path / "missing.bin")]) == 2
+    glove_out = tmp_path / "glove.txt"
+    assert cli.main(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--min-count", "1",
+                     "--vector-size", "8", "--epochs", "3", "--workers", "1", "--window", "4"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["vocabulary"] == 17
+    from llmkit.embeddings import KeyedVectors
+
+    kv = KeyedVectors.load_word2vec_format(glove_out)
+    assert len(kv) == 17 and kv.vector_size == 8
+    assert cli.main(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--x-max", "0"]) == 2

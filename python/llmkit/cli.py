@@ -6,6 +6,7 @@
     llmkit adapter info ADAPTER_DIR
     llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
     llmkit word2vec train|eval|bias ...   (see llmkit.embeddings.cli)
+    llmkit glove train|eval|bias ...
     llmkit embeddings bias VECTORS
 """
 from __future__ import annotations
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     word2vec = commands.add_parser("word2vec", help="train word2vec, evaluate or inspect bias of saved vectors")
     embeddings_cli.add_train_eval_bias(word2vec.add_subparsers(dest="action", metavar="ACTION", required=True))
     word2vec.set_defaults(handler=_embeddings)
+    glove = commands.add_parser("glove", help="train GloVe, evaluate or inspect bias of saved vectors")
+    embeddings_cli.add_train_eval_bias(glove.add_subparsers(dest="action", metavar="ACTION", required=True),
+                                       algorithm="glove")
+    glove.set_defaults(handler=_embeddings)
     embeddings = commands.add_parser("embeddings", help="embedding analyses (bias)")
     embeddings_cli.add_bias(embeddings.add_subparsers(dest="action", metavar="ACTION", required=True))
     embeddings.set_defaults(handler=_embeddings)

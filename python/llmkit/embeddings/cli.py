@@ -1,7 +1,8 @@
-"""`llmkit word2vec train|eval|bias` and `llmkit embeddings bias`.
+"""`llmkit word2vec|glove train|eval|bias` and `llmkit embeddings bias`.
 
     llmkit word2vec train --corpus PATH --out VECTORS [--binary] [gensim's parameters]
-    llmkit word2vec eval VECTORS [--binary] [--analogies FILE] [--pairs FILE]
+    llmkit glove train --corpus PATH --out VECTORS [--binary] [Stanford GloVe's parameters]
+    llmkit word2vec eval VECTORS [--binary] [--analogies FILE] [--pairs FILE]   (= llmkit glove eval)
     llmkit word2vec bias VECTORS [--binary] [-n 10]      (= llmkit embeddings bias)
 
 Vectors are word2vec.c / gensim files (text, or binary with --binary).
@@ -16,19 +17,27 @@ import sys
 from pathlib import Path
 
 
-def add_train_eval_bias(commands) -> None:
-    train = commands.add_parser("train", help="train word2vec on a text file or folder and save the vectors")
+def add_train_eval_bias(commands, algorithm: str = "word2vec") -> None:
+    train = commands.add_parser("train", help=f"train {algorithm} on a text file or folder and save the vectors")
+    train.set_defaults(algorithm=algorithm)
     train.add_argument("--corpus", required=True, help="UTF-8 text file (one sentence a line) or a folder of them")
     train.add_argument("--out", required=True, help="where to write the vectors (word2vec format)")
     train.add_argument("--binary", action="store_true", help="write the binary word2vec format")
-    for name, kind, default in [("vector-size", int, 100), ("window", int, 5), ("min-count", int, 5),
-                                ("negative", int, 5), ("epochs", int, 5), ("workers", int, None), ("sg", int, 1),
-                                ("seed", int, 1), ("sample", float, 1e-3), ("alpha", float, 0.025),
-                                ("min-alpha", float, 1e-4)]:
+    if algorithm == "word2vec":
+        options = [("vector-size", int, 100), ("window", int, 5), ("min-count", int, 5), ("negative", int, 5),
+                   ("epochs", int, 5), ("workers", int, None), ("sg", int, 1), ("seed", int, 1),
+                   ("sample", float, 1e-3), ("alpha", float, 0.025), ("min-alpha", float, 1e-4)]
+    else:  # Stanford GloVe's defaults (x_max 100, alpha 0.75, eta 0.05), window 10
+        options = [("vector-size", int, 100), ("window", int, 10), ("min-count", int, 5), ("epochs", int, 25),
+                   ("workers", int, None), ("seed", int, 1), ("x-max", float, 100.0), ("alpha", float, 0.75),
+                   ("learning-rate", float, 0.05)]
+    for name, kind, default in options:
         train.add_argument(f"--{name}", type=kind, default=default)
-    train.add_argument("--per-pair-negatives", action="store_true",
-                       help="skip-gram with fresh negatives for every (context, word) pair, as word2vec.c "
-                            "(default: one draw per window, as pWord2Vec)")
+    if algorithm == "word2vec":
+        train.add_argument("--per-pair-negatives", action="store_true",
+                           help="skip-gram with fresh negatives for every (context, word) pair, as word2vec.c "
+                                "(default: one draw per window, as pWord2Vec)")
+        train.add_argument("--device", default="cpu", help="cpu (C++ threads) or cuda")
     evaluate = commands.add_parser("eval", help="analogy accuracy and word-pair correlation of saved vectors")
     evaluate.add_argument("vectors")
     evaluate.add_argument("--binary", action="store_true")
@@ -57,13 +66,21 @@ def run(args: argparse.Namespace) -> int:
     from .keyed_vectors import KeyedVectors
 
     try:
-        if args.action == "train":
+        if args.action == "train" and args.algorithm == "glove":
+            from .glove import GloVe
+
+            model = GloVe(corpus_file=args.corpus, vector_size=args.vector_size, window=args.window,
+                          min_count=args.min_count, epochs=args.epochs, workers=args.workers, seed=args.seed,
+                          x_max=args.x_max, alpha=args.alpha, learning_rate=args.learning_rate)
+        elif args.action == "train":
             from .word2vec import Word2Vec
 
             model = Word2Vec(corpus_file=args.corpus, vector_size=args.vector_size, window=args.window,
                              min_count=args.min_count, negative=args.negative, epochs=args.epochs,
                              workers=args.workers, sg=args.sg, seed=args.seed, sample=args.sample, alpha=args.alpha,
-                             min_alpha=args.min_alpha, shared_negatives=not args.per_pair_negatives)
+                             min_alpha=args.min_alpha, shared_negatives=not args.per_pair_negatives,
+                             device=args.device)
+        if args.action == "train":
             model.wv.save_word2vec_format(args.out, binary=args.binary)
             print(json.dumps({"vectors": args.out, "vocabulary": len(model.wv), **model.training_stats[-1]}, indent=2))
             return 0
