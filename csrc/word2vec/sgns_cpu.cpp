@@ -23,6 +23,9 @@
 #include <vector>
 
 #include "word2vec/word2vec.h"
+#ifdef LLMKIT_WITH_CUDA
+#include "word2vec/sgns_cuda.h"
+#endif
 
 namespace llmkit::word2vec {
 namespace {
@@ -563,6 +566,31 @@ void bind(py::module_& m) {
   w2v.def("sgns_window_step", &sgns_window_step, py::arg("syn0"), py::arg("syn1neg"), py::arg("context"),
           py::arg("word"), py::arg("noise_words"), py::arg("alpha"),
           "One skip-gram window update with shared negatives (given noise words)");
+#ifdef LLMKIT_WITH_CUDA
+  w2v.def(
+      "train_chunk_cuda",
+      [](at::Tensor syn0, at::Tensor syn1neg, const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& keep,
+         const at::Tensor& cum_table, int64_t window, int64_t negative, double alpha_start, double alpha_end,
+         uint64_t seed, bool skip_gram, bool cbow_mean, bool compute_loss) {
+        ChunkStats stats;
+        {
+          py::gil_scoped_release no_gil;
+          stats = train_chunk_cuda(syn0, syn1neg, ids, offsets, keep, cum_table, window, negative, alpha_start,
+                                   alpha_end, seed, skip_gram, cbow_mean, compute_loss);
+        }
+        py::dict out;
+        out["raw_words"] = stats.raw_words;
+        out["trained_words"] = stats.trained_words;
+        out["examples"] = stats.examples;
+        out["loss"] = stats.loss;
+        return out;
+      },
+      py::arg("syn0"), py::arg("syn1neg"), py::arg("ids"), py::arg("offsets"), py::arg("keep"), py::arg("cum_table"),
+      py::arg("window"), py::arg("negative"), py::arg("alpha_start"), py::arg("alpha_end"), py::arg("seed"),
+      py::arg("skip_gram") = true, py::arg("cbow_mean") = true, py::arg("compute_loss") = false,
+      "Train syn0 / syn1neg (CUDA tensors) in place on one corpus chunk (csrc/word2vec/sgns_cuda.cu); skip-gram "
+      "shares one draw of negatives per window");
+#endif
   w2v.def("sample_noise", &sample_noise, py::arg("cum_table"), py::arg("n"), py::arg("seed"),
           "Draws from the noise distribution given by cum_table");
 }
