@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .word2vec import LineSentence, _check_positive_int, _restartable, count_words
+from .word2vec import LineSentence, _check_positive_int, _restartable, encode_chunks, select_vocabulary
 
 DENSE_BYTES = 256 << 20  # the dense table of frequent pairs (csrc/word2vec/glove_cpu.cpp)
 
@@ -97,16 +97,7 @@ class GloVe:
         from .keyed_vectors import KeyedVectors
 
         sentences = _restartable(sentences)
-        counts, total, n_sentences = count_words(sentences, self.max_vocab_size)
-        if total == 0:
-            raise ValueError("the corpus is empty (no tokens)")
-        kept = [(w, c) for w, c in counts.items() if c >= self.min_count]
-        if not kept:
-            raise ValueError(f"no word occurs at least min_count={self.min_count} times "
-                             f"({len(counts)} distinct words, the most frequent {counts.most_common(1)[0][1]} times)")
-        kept.sort(key=lambda wc: -wc[1])  # stable: ties keep first-seen order
-        words = [w for w, _ in kept]
-        self.counts = np.array([c for _, c in kept], dtype=np.int64)
+        words, self.counts, total, n_sentences = select_vocabulary(sentences, self.min_count, self.max_vocab_size)
         self.key_to_index = {w: i for i, w in enumerate(words)}
         self.corpus_total_words, self.corpus_count = total, n_sentences
         self.retained_words = int(self.counts.sum())
@@ -123,18 +114,7 @@ class GloVe:
         return self
 
     def _encoded_chunks(self, sentences) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids int32, offsets int64) of about chunk_words words each; OOV words dropped."""
-        index = self.key_to_index
-        ids: list[int] = []
-        offsets = [0]
-        for sentence in sentences:
-            ids.extend(i for i in (index.get(w) for w in sentence) if i is not None)
-            offsets.append(len(ids))
-            if len(ids) >= self.chunk_words:
-                yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
-                ids, offsets = [], [0]
-        if ids:
-            yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
+        return encode_chunks(sentences, self.key_to_index, self.chunk_words)
 
     # --------------------------------------------------------------- counts --
 

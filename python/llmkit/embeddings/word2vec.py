@@ -97,6 +97,36 @@ def count_words(sentences: Iterable[list[str]], max_vocab_size: int | None = Non
     return counts, total, n_sentences
 
 
+def select_vocabulary(sentences, min_count: int, max_vocab_size: int | None = None):
+    """(words, counts int64, total words, sentences) of the words with count >= min_count,
+    most frequent first, ties in first-seen order (gensim's order); clear errors for an
+    empty corpus or one with no word frequent enough. Shared by Word2Vec and GloVe."""
+    counts, total, n_sentences = count_words(sentences, max_vocab_size)
+    if total == 0:
+        raise ValueError("the corpus is empty (no tokens)")
+    kept = [(w, c) for w, c in counts.items() if c >= min_count]
+    if not kept:
+        raise ValueError(f"no word occurs at least min_count={min_count} times "
+                         f"({len(counts)} distinct words, the most frequent {counts.most_common(1)[0][1]} times)")
+    kept.sort(key=lambda wc: -wc[1])  # stable: ties keep first-seen order
+    return [w for w, _ in kept], np.array([c for _, c in kept], dtype=np.int64), total, n_sentences
+
+
+def encode_chunks(sentences, key_to_index: dict, chunk_words: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids int32, offsets int64) of about chunk_words words each, the trainers' input;
+    out-of-vocabulary words dropped (sentence s is ids[offsets[s]:offsets[s + 1]])."""
+    ids: list[int] = []
+    offsets = [0]
+    for sentence in sentences:
+        ids.extend(i for i in (key_to_index.get(w) for w in sentence) if i is not None)
+        offsets.append(len(ids))
+        if len(ids) >= chunk_words:
+            yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
+            ids, offsets = [], [0]
+    if ids:
+        yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
+
+
 def keep_probabilities(counts: np.ndarray, sample: float) -> np.ndarray:
     """word2vec.c's subsampling: keep a word of count c with probability
     (sqrt(c / (sample N)) + 1) (sample N) / c, capped at 1 (N: retained words)."""
@@ -202,16 +232,7 @@ class Word2Vec:
         from .keyed_vectors import KeyedVectors
 
         sentences = _restartable(sentences)
-        counts, total, n_sentences = count_words(sentences, self.max_vocab_size)
-        if total == 0:
-            raise ValueError("the corpus is empty (no tokens)")
-        kept = [(w, c) for w, c in counts.items() if c >= self.min_count]
-        if not kept:
-            raise ValueError(f"no word occurs at least min_count={self.min_count} times "
-                             f"({len(counts)} distinct words, the most frequent {counts.most_common(1)[0][1]} times)")
-        kept.sort(key=lambda wc: -wc[1])  # stable: ties keep first-seen order
-        words = [w for w, _ in kept]
-        self.counts = np.array([c for _, c in kept], dtype=np.int64)
+        words, self.counts, total, n_sentences = select_vocabulary(sentences, self.min_count, self.max_vocab_size)
         self.key_to_index = {w: i for i, w in enumerate(words)}
         self.corpus_total_words = total
         self.corpus_count = n_sentences
@@ -232,18 +253,7 @@ class Word2Vec:
     # --------------------------------------------------------------- corpus --
 
     def _encoded_chunks(self, sentences) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids int32, offsets int64) of about chunk_words words each; OOV words dropped."""
-        index = self.key_to_index
-        ids: list[int] = []
-        offsets = [0]
-        for sentence in sentences:
-            ids.extend(i for i in (index.get(w) for w in sentence) if i is not None)
-            offsets.append(len(ids))
-            if len(ids) >= self.chunk_words:
-                yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
-                ids, offsets = [], [0]
-        if ids:
-            yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64)
+        return encode_chunks(sentences, self.key_to_index, self.chunk_words)
 
     def _epoch_chunks(self, sentences) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._cache is not None:
@@ -351,4 +361,5 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Word2Vec", "LineSentence", "count_words", "keep_probabilities", "noise_table", "keep_thresholds"]
+__all__ = ["Word2Vec", "LineSentence", "count_words", "select_vocabulary", "encode_chunks", "keep_probabilities",
+           "noise_table", "keep_thresholds"]
