@@ -35,6 +35,7 @@
 #include "attention/attention.h"
 
 #include "common/cpu_blas.h"
+#include "common/cpu_features.h"
 
 namespace llmkit::attention {
 namespace {
@@ -151,8 +152,7 @@ struct Simd {
   bool avx2 = false;
   Simd() {
 #ifdef LLMKIT_X86
-    const char* force = std::getenv("LLMKIT_FORCE_SCALAR");
-    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(force && force[0] == '1');
+    avx2 = use_avx2_fma();
 #endif
   }
   float exp_shift_sum(float* s, int64_t n, float shift) const {

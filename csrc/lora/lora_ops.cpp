@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_features.h"
 #include "common/dispatch.h"
 #include "lora/lora.h"
 
@@ -126,8 +127,7 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x_, double p, int64_t seed) {
   const uint64_t s = static_cast<uint64_t>(seed);
 #if defined(__x86_64__)
   // LLMKIT_FORCE_SCALAR=1 takes the portable build of the same loop (tests compare them).
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                           !(std::getenv("LLMKIT_FORCE_SCALAR") && std::getenv("LLMKIT_FORCE_SCALAR")[0] == '1');
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && !force_scalar();
 #else
   constexpr bool avx2 = false;
 #endif

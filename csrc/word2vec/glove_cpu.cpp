@@ -60,6 +60,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_features.h"
 #include "word2vec/word2vec.h"
 
 namespace llmkit::word2vec {
@@ -573,15 +574,7 @@ __attribute__((target("avx2,fma"))) double glove_step_avx2(const Params& p, int3
 }
 #endif
 
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           !(std::getenv("LLMKIT_FORCE_SCALAR") && std::getenv("LLMKIT_FORCE_SCALAR")[0] == '1');
-  return avx2;
-#else
-  return false;
-#endif
-}
+bool use_avx2() { return llmkit::use_avx2_fma(); }
 
 // ---------------------------------------------------------------- checks --
 

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "word2vec/word2vec.h"
 #ifdef LLMKIT_WITH_CUDA
 #include "word2vec/sgns_cuda.h"
@@ -376,15 +377,7 @@ void train_sentences_portable(const Model& m, const Corpus& c, const uint32_t* k
   train_sentences_body(m, c, keep, noise, s, s0, s1, seed, words_done, total_words, stats);
 }
 
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           !(std::getenv("LLMKIT_FORCE_SCALAR") && std::getenv("LLMKIT_FORCE_SCALAR")[0] == '1');
-  return avx2;
-#else
-  return false;
-#endif
-}
+bool use_avx2() { return llmkit::use_avx2_fma(); }
 
 // ------------------------------------------------------------- checks --
 
