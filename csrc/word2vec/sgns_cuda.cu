@@ -253,6 +253,32 @@ __device__ __forceinline__ void copy_row(const float* __restrict__ src, float* _
   }
 }
 
+// row[d] += sum_r coef[r * coef_stride] * src[r * dim + d] over the lane's
+// columns: the row is read (L2) and written once, its kCols loads issued together.
+__device__ __forceinline__ void add_combination(float* row, const float* coef, int coef_stride, const float* src,
+                                                int count, int dim, int lane) {
+  for (int d0 = lane; d0 < dim; d0 += kChunk) {
+    float v[kCols], acc[kCols];
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) {
+      v[q] = d0 + q * kWarp < dim ? __ldcg(row + d0 + q * kWarp) : 0.0f;
+      acc[q] = 0.0f;
+    }
+    for (int r = 0; r < count; ++r) {
+      const float c = coef[r * coef_stride];
+      const float* a = src + r * dim + d0;
+#pragma unroll
+      for (int q = 0; q < kCols; ++q) {
+        if (d0 + q * kWarp < dim) acc[q] = fmaf(c, a[q * kWarp], acc[q]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) {
+      if (d0 + q * kWarp < dim) row[d0 + q * kWarp] = v[q] + acc[q];
+    }
+  }
+}
+
 // Last sentence s with offsets[s] <= slot (offsets[0] = 0 <= slot < offsets[S] = n);
 // past any empty sentences that start at the same offset.
 __device__ __forceinline__ int64_t sentence_of(const int64_t* __restrict__ offsets, int64_t sentences, int64_t slot) {
@@ -394,51 +420,10 @@ __device__ __forceinline__ void skipgram_centre(const Params& p, int64_t slot, i
 
   // dIn = G Out onto syn0, dOut = G^T In onto syn1neg, from the snapshots.
   for (int i = 0; i < k; ++i) {
-    float* row = p.syn0 + static_cast<int64_t>(ctx[i]) * dim;
-    const float* g = sg + i * t;
-    for (int d0 = lane; d0 < dim; d0 += kChunk) {
-      float v[kCols], acc[kCols];
-#pragma unroll
-      for (int q = 0; q < kCols; ++q) {
-        v[q] = d0 + q * kWarp < dim ? __ldcg(row + d0 + q * kWarp) : 0.0f;
-        acc[q] = 0.0f;
-      }
-      for (int j = 0; j < t; ++j) {
-        const float gj = g[j];
-        const float* o = out + j * dim + d0;
-#pragma unroll
-        for (int q = 0; q < kCols; ++q) {
-          if (d0 + q * kWarp < dim) acc[q] = fmaf(gj, o[q * kWarp], acc[q]);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kCols; ++q) {
-        if (d0 + q * kWarp < dim) row[d0 + q * kWarp] = v[q] + acc[q];
-      }
-    }
+    add_combination(p.syn0 + static_cast<int64_t>(ctx[i]) * dim, sg + i * t, 1, out, t, dim, lane);
   }
   for (int j = 0; j < t; ++j) {
-    float* row = p.syn1neg + static_cast<int64_t>(tgt[j]) * dim;
-    for (int d0 = lane; d0 < dim; d0 += kChunk) {
-      float v[kCols], acc[kCols];
-#pragma unroll
-      for (int q = 0; q < kCols; ++q) {
-        v[q] = d0 + q * kWarp < dim ? __ldcg(row + d0 + q * kWarp) : 0.0f;
-        acc[q] = 0.0f;
-      }
-      for (int i = 0; i < k; ++i) {
-        const float gij = sg[i * t + j];
-        const float* a = in + i * dim + d0;
-#pragma unroll
-        for (int q = 0; q < kCols; ++q) {
-          if (d0 + q * kWarp < dim) acc[q] = fmaf(gij, a[q * kWarp], acc[q]);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kCols; ++q) {
-        if (d0 + q * kWarp < dim) row[d0 + q * kWarp] = v[q] + acc[q];
-      }
-    }
+    add_combination(p.syn1neg + static_cast<int64_t>(tgt[j]) * dim, sg + j, t, in, k, dim, lane);
   }
   if (lane == 0) tot.examples += static_cast<unsigned long long>(k);
 }
