@@ -16,6 +16,7 @@ def test_shipped_corpus_word_count_and_extraction(tmp_path):
 def test_tokenize_words_lowercases_and_drops_punctuation():
     assert data.tokenize_words("The Ship, o'er the SEA -- isn't 1815's!") == \
         ["the", "ship", "o'er", "the", "sea", "isn't", "1815's"]
+    assert data.tokenize_words("Café naïve, don\u2019t _under_ Zoë's") == ["café", "naïve", "don't", "under", "zoë's"]
     assert data.tokenize_words("  ,;: --  ") == []
 
 

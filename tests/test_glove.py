@@ -251,7 +251,7 @@ def test_vocabulary_matches_word2vec_order(tmp_path):
     corpus = [["b", "a", "c", "a"], ["c", "b", "d"], ["a", "e"]]
     g = GloVe(corpus, vector_size=4, min_count=2, epochs=1, progress=False)
     w = Word2Vec(corpus, vector_size=4, min_count=2, epochs=1, progress=False)
-    assert g.wv.index_to_key == w.wv.index_to_key == ["a", "b", "c"]
+    assert g.wv.index_to_key == w.wv.index_to_key == ["a", "c", "b"]  # ties: reverse first-seen, as gensim
     # corpus_file reads the same sentences.
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(" ".join(s) for s in corpus) + "\n")

@@ -314,6 +314,18 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         _C.word2vec.train_chunk(syn0, syn1, ids, offsets, w2v.keep_thresholds(np.ones(3)),
                                 w2v.noise_table(np.ones(3)), 2, 1, 0.01, 0.0, 1, 0)
+    ids, offsets = _chunk([[0, 1, 2]])
+    keep, noise = w2v.keep_thresholds(np.ones(3)), w2v.noise_table(np.ones(3))
+    with pytest.raises(ValueError, match="one entry per vocabulary word"):
+        _C.word2vec.sample_noise(torch.zeros(0, dtype=torch.int32), 3, 1)
+    for bad, match in [((keep.to("meta"), noise), "keep must be int32 thresholds on the CPU"),
+                       ((keep, noise.to("meta")), "cum_table must be a contiguous CPU tensor")]:
+        with pytest.raises(ValueError, match=match):
+            _C.word2vec.train_chunk(syn0, syn1, ids, offsets, *bad, 2, 1, 0.01, 0.0, 1, 0)
+    with pytest.raises(ValueError, match="offsets must be a contiguous 1-D CPU tensor"):
+        _C.word2vec.train_chunk(syn0, syn1, ids, offsets.to("meta"), keep, noise, 2, 1, 0.01, 0.0, 1, 0)
+    with pytest.raises(ValueError, match="workers must be in"):
+        _C.word2vec.train_chunk(syn0, syn1, ids, offsets, keep, noise, 2, 1, 0.01, 0.0, 10**6, 0)
 
 
 def test_cli_train_eval_bias(tmp_path, capsys):
@@ -355,3 +367,20 @@ def test_cli_train_eval_bias(tmp_path, capsys):
     kv = KeyedVectors.load_word2vec_format(glove_out)
     assert len(kv) == 17 and kv.vector_size == 8
     assert cli.main(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--x-max", "0"]) == 2
+
+
+def test_vocabulary_order_and_retraining_match_gensim_conventions():
+    gensim = pytest.importorskip("gensim")
+    rng = np.random.default_rng(5)
+    corpus = [[f"w{i}" for i in rng.integers(0, 60, rng.integers(1, 12))] for _ in range(80)]  # many tied counts
+    ours = w2v.Word2Vec(vector_size=4, min_count=2, progress=False).build_vocab(corpus)
+    theirs = gensim.models.Word2Vec(vector_size=4, min_count=2)
+    theirs.build_vocab(corpus)
+    assert ours.wv.index_to_key == theirs.wv.index_to_key
+    # train() on another corpus trains on that corpus, not on the cached encoding of the first.
+    model = w2v.Word2Vec(corpus, vector_size=4, min_count=2, epochs=1, workers=1, progress=False)
+    first = model.training_stats[-1]["words"]
+    model.train([corpus[0]] * 3, epochs=1)
+    assert model.training_stats[-1]["words"] == 3 * sum(w in model.key_to_index for w in corpus[0]) != first
+    with pytest.raises(ValueError, match="after pruning to max_vocab_size=1"):
+        w2v.select_vocabulary([["x", "y"], ["z", "w"]], 1, max_vocab_size=1)

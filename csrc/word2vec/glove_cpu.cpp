@@ -35,8 +35,9 @@
 // dense table is shared without locks and, for a given number of workers,
 // the counts do not depend on how the corpus was cut into chunks (buffers
 // flush when full, not at chunk ends).
-// Memory: dense_bytes + workers * 16 * buffer_records + 12 bytes per distinct
-// sparse pair (the runs) + the result.
+// Memory: dense_bytes + workers * 16 * buffer_records + about 12 bytes per
+// distinct sparse pair (the runs; up to 2-3x that at peak, while a pair sits in
+// several runs and a merge holds both inputs and its output) + the result.
 //
 // The project builds with -ffp-contract=off (for NF4); nothing here is
 // bit-exact by definition, so let the dot products use FMA.
@@ -67,29 +68,6 @@ namespace llmkit::word2vec {
 namespace {
 
 #define LLMKIT_GLOVE_INLINE inline __attribute__((always_inline))
-
-constexpr int64_t kMaxWorkers = 1024;
-
-// Runs `fn(t)` on `workers` threads (t = 0 on the caller's), rethrowing the
-// first exception after all joined.
-template <typename Fn>
-void run_threads(int64_t workers, Fn fn) {
-  std::vector<std::exception_ptr> errors(workers);
-  auto guarded = [&](int64_t t) {
-    try {
-      fn(t);
-    } catch (...) {
-      errors[t] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < workers; ++t) threads.emplace_back(guarded, t);
-  guarded(0);
-  for (auto& th : threads) th.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
 
 int bit_width(uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); }
 
@@ -182,12 +160,17 @@ class CooccurrenceCounter {
     words_ += n;
   }
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() {
+  // The counter's lock, taken without holding the GIL: another Python thread
+  // may be inside add() (GIL released) and must be able to finish.
+  std::unique_lock<std::mutex> lock_without_gil() {
     std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
-    {
-      py::gil_scoped_release no_gil;  // never wait for the lock holding the GIL
-      lock.lock();
-    }
+    py::gil_scoped_release no_gil;
+    lock.lock();
+    return lock;
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() {
+    auto lock = lock_without_gil();
     std::vector<int64_t> row_nnz(vocab_ + 1, 0);
     {
       py::gil_scoped_release no_gil;
@@ -247,10 +230,14 @@ class CooccurrenceCounter {
 
   int64_t vocab() const { return vocab_; }
   int64_t window() const { return window_; }
-  int64_t words() const { return words_; }
+  int64_t words() {
+    auto lock = lock_without_gil();
+    return words_;
+  }
   int64_t dense_product() const { return product_; }
   int64_t dense_cells() const { return dense_cells_; }
-  int64_t sparse_pairs() const {  // distinct pairs in the runs (the buffers are not counted)
+  int64_t sparse_pairs() {  // pair entries in the runs (a pair may sit in several runs until result() merges them)
+    auto lock = lock_without_gil();
     int64_t n = 0;
     for (const Shard& sh : shards_)
       for (const Run& r : sh.runs) n += static_cast<int64_t>(r.keys.size());

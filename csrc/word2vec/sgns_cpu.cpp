@@ -405,9 +405,11 @@ void check_ids(const at::Tensor& ids, int64_t vocab, const char* name) {
 Noise check_noise(const at::Tensor& cum_table, int64_t vocab) {
   TORCH_CHECK_TYPE(cum_table.scalar_type() == at::kInt || cum_table.scalar_type() == at::kLong,
                    "word2vec: cum_table must be an integer tensor");
-  TORCH_CHECK_VALUE(cum_table.dim() == 1 && cum_table.numel() == vocab && cum_table.is_contiguous(),
-                    "word2vec: cum_table must have one entry per vocabulary word (", vocab, "), got ",
-                    cum_table.numel());
+  TORCH_CHECK_VALUE(cum_table.device().is_cpu() && cum_table.is_contiguous(),
+                    "word2vec: cum_table must be a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(cum_table.dim() == 1 && cum_table.numel() == vocab && vocab >= 1,
+                    "word2vec: cum_table must have one entry per vocabulary word (", vocab, "), got shape ",
+                    cum_table.sizes());
   TORCH_CHECK_VALUE(cum_table.scalar_type() == at::kInt, "word2vec: cum_table must be int32 (values < 2^31)");
   const int32_t* cum = cum_table.const_data_ptr<int32_t>();
   TORCH_CHECK_VALUE(cum[vocab - 1] > 0, "word2vec: cum_table's total weight must be positive");
@@ -424,16 +426,18 @@ py::dict train_chunk(at::Tensor syn0, at::Tensor syn1neg, const at::Tensor& ids,
   const int64_t vocab = syn0.size(0);
   check_ids(ids, vocab, "ids");
   TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "word2vec: offsets must be int64");
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1 && offsets.is_contiguous(),
-                    "word2vec: offsets must be a contiguous 1-D tensor of sentence starts plus the end");
-  TORCH_CHECK_VALUE(keep.scalar_type() == at::kInt && keep.numel() == vocab && keep.is_contiguous(),
-                    "word2vec: keep must be int32 thresholds, one per vocabulary word");
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1 && offsets.is_contiguous() && offsets.device().is_cpu(),
+                    "word2vec: offsets must be a contiguous 1-D CPU tensor of sentence starts plus the end");
+  TORCH_CHECK_VALUE(keep.scalar_type() == at::kInt && keep.numel() == vocab && keep.is_contiguous() &&
+                        keep.device().is_cpu(),
+                    "word2vec: keep must be int32 thresholds on the CPU, one per vocabulary word");
   Noise noise = check_noise(cum_table, vocab);
   const std::vector<int32_t> guide = make_guide(noise.cum, noise.size);
   noise.guide = guide.data();
   TORCH_CHECK_VALUE(window >= 1, "word2vec: window must be >= 1, got ", window);
   TORCH_CHECK_VALUE(negative >= 1, "word2vec: negative must be >= 1 (negative sampling), got ", negative);
-  TORCH_CHECK_VALUE(workers >= 1, "word2vec: workers must be >= 1, got ", workers);
+  TORCH_CHECK_VALUE(workers >= 1 && workers <= kMaxWorkers, "word2vec: workers must be in [1, ", kMaxWorkers,
+                    "], got ", workers);
   TORCH_CHECK_VALUE(alpha_start >= 0 && alpha_end >= 0, "word2vec: learning rates must be >= 0");
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t sentences = offsets.numel() - 1;
@@ -473,10 +477,7 @@ py::dict train_chunk(at::Tensor syn0, at::Tensor syn1neg, const at::Tensor& ids,
       train_sentences_portable(model, corpus, keep_thresholds, noise, settings, bounds[t], bounds[t + 1], thread_seed,
                                words_done, total, stats[t]);
     };
-    std::vector<std::thread> threads;
-    for (int64_t t = 1; t < workers; ++t) threads.emplace_back(work, t);
-    work(0);
-    for (auto& th : threads) th.join();
+    run_threads(workers, work);  // an exception in a worker (bad_alloc) is rethrown here, not terminate()
   }
   Stats sum;
   for (const Stats& s : stats) {

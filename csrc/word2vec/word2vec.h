@@ -21,6 +21,9 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
+#include <thread>
+#include <vector>
 
 namespace pybind11 {
 class module_;
@@ -42,8 +45,32 @@ struct Lcg {
 
 inline constexpr float kMaxExp = 6.0f;
 
+inline constexpr int64_t kMaxWorkers = 1024;
+
+// Runs `fn(t)` on `workers` threads (t = 0 on the caller's), rethrowing the
+// first exception after all joined.
+template <typename Fn>
+inline void run_threads(int64_t workers, Fn fn) {
+  std::vector<std::exception_ptr> errors(workers);
+  auto guarded = [&](int64_t t) {
+    try {
+      fn(t);
+    } catch (...) {
+      errors[t] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < workers; ++t) threads.emplace_back(guarded, t);
+  guarded(0);
+  for (auto& th : threads) th.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
 // Registers the word2vec functions on the extension module (called from ops.cpp).
 void bind(pybind11::module_& m);
+// Registers _C.glove (csrc/word2vec/glove_cpu.cpp).
 void bind_glove(pybind11::module_& m);
 
 }  // namespace llmkit::word2vec

@@ -150,11 +150,11 @@ def run(opts: RunOptions, out_dir: Path) -> dict:
                     bar.set_postfix_str(name)
                     try:
                         vocab_s, train_s, keys, vectors = train(corpus, params)
-                    except Exception as err:  # a contender that cannot run is reported, not fatal
+                        analogy, spearman, pearson, oov = _score(keys, vectors)
+                    except Exception as err:  # a contender that cannot run (or be scored) is reported, not fatal
                         summaries[name].note = f"unavailable: {type(err).__name__}: {err}"
                         bar.update(1)
                         continue
-                    analogy, spearman, pearson, oov = _score(keys, vectors)
                     summaries[name].runs.append(TrainRun(
                         name, device, vocab_s, train_s, words * params["epochs"] / train_s, len(keys), analogy,
                         spearman, pearson, oov))

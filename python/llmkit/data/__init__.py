@@ -23,14 +23,15 @@ def english_corpus_lines() -> Iterator[str]:
 
 
 # Words as the embedding demos and `llmkit bench word2vec` see them: runs of
-# lowercase letters and digits, with inner apostrophes ("don't", "o'er");
-# punctuation and case are dropped, so "Ship," and "ship" are one word.
-_WORD = re.compile(r"[a-z0-9]+(?:['\u2019][a-z0-9]+)*")
+# letters (any script) and digits, with inner apostrophes ("don't", "o'er";
+# the typographic one is read as ASCII); punctuation and case are dropped, so
+# "Ship," and "ship" are one word.
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
 
 def tokenize_words(line: str) -> list[str]:
     """Lowercase word tokens of a line (punctuation dropped): the embeddings' preprocessing."""
-    return _WORD.findall(line.lower())
+    return _WORD.findall(line.lower().replace("\u2019", "'"))
 
 
 class EnglishCorpusSentences:

@@ -4,7 +4,7 @@ Stanford GloVe's pipeline and defaults (vocab_count, cooccur, shuffle, glove)
 on the C++ code in csrc/word2vec/glove_cpu.cpp (``llmkit._C.glove``):
 
 * vocabulary: as :class:`~llmkit.embeddings.Word2Vec` (``min_count``,
-  ``max_vocab_size``; most frequent first, ties in first-seen order);
+  ``max_vocab_size``; most frequent first, ties in reverse first-seen order, as gensim);
 * counts: X[i, j] sums 1/d over the occurrences of word j at distance
   d <= window left of word i (and right of it when ``symmetric``), inside a
   sentence; out-of-vocabulary words are dropped first. The corpus streams in
@@ -43,7 +43,8 @@ class GloVe:
     prints). Training is deterministic with ``workers=1`` and a seed.
 
     Memory: the counter holds ``dense_bytes`` (a table of frequent pairs), a
-    64 MiB sort buffer per worker and 12 bytes per distinct rarer pair;
+    64 MiB sort buffer per worker and about 12 bytes per distinct rarer pair
+    (2-3x that at the peak of a merge);
     training holds 12 bytes per pair plus four (vocab, vector_size + 1) float32
     matrices.
     """

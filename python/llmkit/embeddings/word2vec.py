@@ -99,16 +99,20 @@ def count_words(sentences: Iterable[list[str]], max_vocab_size: int | None = Non
 
 def select_vocabulary(sentences, min_count: int, max_vocab_size: int | None = None):
     """(words, counts int64, total words, sentences) of the words with count >= min_count,
-    most frequent first, ties in first-seen order (gensim's order); clear errors for an
-    empty corpus or one with no word frequent enough. Shared by Word2Vec and GloVe."""
+    most frequent first, ties in reverse first-seen order (gensim 4.4's order: it sorts
+    with lexsort((-index, -count))); clear errors for an empty corpus or one with no
+    word frequent enough. Shared by Word2Vec and GloVe."""
     counts, total, n_sentences = count_words(sentences, max_vocab_size)
     if total == 0:
         raise ValueError("the corpus is empty (no tokens)")
-    kept = [(w, c) for w, c in counts.items() if c >= min_count]
+    kept = [(w, c) for w, c in counts.items() if c >= min_count]  # a Counter keeps first-seen order
     if not kept:
+        most = f", the most frequent {counts.most_common(1)[0][1]} times" if counts else ""
+        pruned = f" after pruning to max_vocab_size={max_vocab_size}" if max_vocab_size is not None else ""
         raise ValueError(f"no word occurs at least min_count={min_count} times "
-                         f"({len(counts)} distinct words, the most frequent {counts.most_common(1)[0][1]} times)")
-    kept.sort(key=lambda wc: -wc[1])  # stable: ties keep first-seen order
+                         f"({len(counts)} distinct words{pruned}{most})")
+    order = sorted(range(len(kept)), key=lambda i: (-kept[i][1], -i))
+    kept = [kept[i] for i in order]
     return [w for w, _ in kept], np.array([c for _, c in kept], dtype=np.int64), total, n_sentences
 
 
@@ -228,7 +232,7 @@ class Word2Vec:
 
     def build_vocab(self, sentences) -> "Word2Vec":
         """Count the corpus, keep words with count >= min_count (most frequent first,
-        ties in first-seen order, as gensim), and initialise the weights."""
+        ties in reverse first-seen order, as gensim), and initialise the weights."""
         from .keyed_vectors import KeyedVectors
 
         sentences = _restartable(sentences)
@@ -247,7 +251,9 @@ class Word2Vec:
         self.wv.add_vectors(words, syn0.numpy(), extras={"count": self.counts})
         # Taken after add_vectors (which replaces the array): training updates .wv in place.
         self._syn0 = torch.from_numpy(self.wv.vectors)
+        # Encoded chunks of the corpus object `_cache_source`, reused by later epochs and train() calls on it.
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cache_source = None
         return self
 
     # --------------------------------------------------------------- corpus --
@@ -256,9 +262,10 @@ class Word2Vec:
         return encode_chunks(sentences, self.key_to_index, self.chunk_words)
 
     def _epoch_chunks(self, sentences) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._cache is not None:
+        if self._cache is not None and self._cache_source is sentences:
             yield from self._cache
             return
+        self._cache, self._cache_source = None, sentences  # another corpus: encode it afresh
         cache: list | None = [] if self.retained_words <= self.cache_words else None
         for chunk in self._encoded_chunks(sentences):
             if cache is not None:
@@ -295,42 +302,44 @@ class Word2Vec:
         start = time.perf_counter()
         bar = tqdm(total=total, unit="word", unit_scale=True, desc="word2vec", disable=not self.progress,
                    dynamic_ncols=True)
-        with bar:
-            for epoch in range(epochs):
-                for number, (ids, offsets) in enumerate(self._epoch_chunks(sentences)):
-                    n = ids.numel()
-                    a0 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, done / total)
-                    a1 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, (done + n) / total)
-                    seed = (self.seed * 1_000_003 + epoch * 7919 + done) % 2**63
-                    if on_gpu:
-                        # Encoded chunks stay on the GPU across epochs when they fit the cache budget.
-                        if number not in device_chunks:
-                            moved = (ids.to(self.device), offsets.to(self.device))
-                            if self.retained_words <= self.cache_words:
-                                device_chunks[number] = moved
+        try:
+            with bar:
+                for epoch in range(epochs):
+                    for number, (ids, offsets) in enumerate(self._epoch_chunks(sentences)):
+                        n = ids.numel()
+                        a0 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, done / total)
+                        a1 = self.alpha - (self.alpha - self.min_alpha) * min(1.0, (done + n) / total)
+                        seed = (self.seed * 1_000_003 + epoch * 7919 + done) % 2**63
+                        if on_gpu:
+                            # Encoded chunks stay on the GPU across epochs when they fit the cache budget.
+                            if number not in device_chunks:
+                                moved = (ids.to(self.device), offsets.to(self.device))
+                                if self.retained_words <= self.cache_words:
+                                    device_chunks[number] = moved
+                            else:
+                                moved = device_chunks[number]
+                            stats = _C.word2vec.train_chunk_cuda(
+                                syn0, syn1neg, moved[0], moved[1], keep, noise, self.window, self.negative, a0, a1, seed,
+                                bool(self.sg), bool(self.cbow_mean), self.compute_loss)
                         else:
-                            moved = device_chunks[number]
-                        stats = _C.word2vec.train_chunk_cuda(
-                            syn0, syn1neg, moved[0], moved[1], keep, noise, self.window, self.negative, a0, a1, seed,
-                            bool(self.sg), bool(self.cbow_mean), self.compute_loss)
-                    else:
-                        stats = _C.word2vec.train_chunk(
-                            syn0, syn1neg, ids, offsets, keep, noise, self.window, self.negative, a0, a1,
-                            self.workers, seed, bool(self.sg), bool(self.cbow_mean), self.compute_loss,
-                            self.shared_negatives)
-                    done += n
-                    examples += stats["examples"]
-                    trained += stats["trained_words"]
-                    self.running_training_loss += stats["loss"]
-                    bar.update(n)
-                    elapsed = time.perf_counter() - start
-                    postfix = {"words/s": f"{done / max(elapsed, 1e-9):,.0f}"}
-                    if self.compute_loss and examples:
-                        postfix["loss"] = f"{self.running_training_loss / examples:.3f}"
-                    bar.set_postfix(postfix)
-        if on_gpu:  # .wv's array and syn1neg are the CPU copies
-            self._syn0.copy_(syn0.cpu())
-            self.syn1neg.copy_(syn1neg.cpu())
+                            stats = _C.word2vec.train_chunk(
+                                syn0, syn1neg, ids, offsets, keep, noise, self.window, self.negative, a0, a1,
+                                self.workers, seed, bool(self.sg), bool(self.cbow_mean), self.compute_loss,
+                                self.shared_negatives)
+                        done += n
+                        examples += stats["examples"]
+                        trained += stats["trained_words"]
+                        self.running_training_loss += stats["loss"]
+                        bar.update(n)
+                        elapsed = time.perf_counter() - start
+                        postfix = {"words/s": f"{done / max(elapsed, 1e-9):,.0f}"}
+                        if self.compute_loss and examples:
+                            postfix["loss"] = f"{self.running_training_loss / examples:.3f}"
+                        bar.set_postfix(postfix)
+        finally:  # also on an interrupt or error: keep what the GPU trained (.wv and syn1neg are the CPU copies)
+            if on_gpu:
+                self._syn0.copy_(syn0.cpu())
+                self.syn1neg.copy_(syn1neg.cpu())
         elapsed = time.perf_counter() - start
         self.training_stats.append({"epochs": epochs, "words": done, "trained_words": trained,
                                     "examples": examples, "seconds": elapsed,
