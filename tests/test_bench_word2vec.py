@@ -53,3 +53,16 @@ def test_word2vec_bench_verdicts_apply_the_issue_bounds():
     lines = w2v_bench._verdicts({"gensim": peer, "llmkit": good, "slow": bad}, quick=False)
     assert "MISSED" not in lines[0] and lines[0].count("met") == 3
     assert lines[1].count("MISSED") == 3
+
+
+def test_word2vec_bench_cuda_verdict_compares_with_our_cpu_trainer():
+    s = w2v_bench.ContenderSummary
+    peer = s("gensim", "cpu", runs=[object()], words_per_second=1e5, analogy_accuracy=0.10, spearman=0.40)
+    cpu = s("llmkit", "cpu", runs=[object()], words_per_second=9e5, analogy_accuracy=0.10, spearman=0.40,
+            speedup_vs_gensim=9.0)
+    for gpu_wps, verdict in [(12e6, "met"), (8e6, "MISSED")]:
+        gpu = s("llmkit cuda", "cuda", runs=[object()], words_per_second=gpu_wps, analogy_accuracy=0.10,
+                spearman=0.40, speedup_vs_gensim=gpu_wps / 1e5)
+        lines = w2v_bench._verdicts({"gensim": peer, "llmkit": cpu, "llmkit cuda": gpu}, quick=False)
+        line = next(v for v in lines if v.startswith("llmkit cuda: ") and "our CPU trainer" in v)
+        assert f"{gpu_wps / 9e5:.1f}x our CPU trainer" in line and line.endswith(f"{verdict})")
