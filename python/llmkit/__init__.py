@@ -65,4 +65,7 @@ from .nn.functional import sdpa  # noqa: E402  (drop-in for F.scaled_dot_product
 # transformers already imported: make attn_implementation="llmkit" available now. Otherwise
 # import llmkit.integrations.transformers (or call its register()) after importing it.
 integrations.register_available()
-__all__ += ["nn", "integrations", "sdpa"]
+from . import models  # noqa: E402
+from .generation import generate, stream  # noqa: E402  (llmkit.generate / llmkit.stream)
+
+__all__ += ["nn", "integrations", "sdpa", "models", "generate", "stream"]

@@ -1,0 +1,281 @@
+"""Text generation with a preallocated KV cache: ``llmkit.generate``.
+
+Prompts of different lengths are never padded: they are packed back to back,
+the prefill is one padding-free forward, and every decode step sends one new
+token per unfinished sequence through the model; attention reads each
+sequence's cache slot through ``flash_attention_varlen`` (see
+:class:`llmkit.models.gpt.KVCache`). Finished sequences drop out of the
+batch instead of being computed and thrown away.
+
+Decoding follows transformers' ``generate``: repetition penalty (CTRL's
+divide-positive / multiply-negative rule), then temperature, top-k and top-p
+(nucleus) on the logits; greedy is argmax, sampling draws from the softmax.
+Greedy decoding gives transformers' tokens, token for token, on the same
+weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .models.gpt import GPT, KVCache
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`, one entry per prompt.
+
+    sequences: the generated token ids (prompt excluded, EOS included when hit);
+    texts: their decoded text when a tokenizer was given (cut after a stop string);
+    finish_reasons: "eos", "stop_string" or "length";
+    tokens_per_second: generated tokens / wall time (prefill included);
+    time_to_first_token: seconds until the first token of every sequence.
+    """
+
+    sequences: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    new_tokens: int
+    seconds: float
+    time_to_first_token: float
+    tokens_per_second: float = field(init=False)
+
+    def __post_init__(self):
+        self.tokens_per_second = self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as :func:`stream` yields them.
+
+    index: which prompt; token_id; text: the new text this token completes
+    (may be "" while a multi-byte character is unfinished; needs a
+    tokenizer); finish_reason: set on a sequence's last token.
+    """
+
+    index: int
+    token_id: int
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+             attention_mask: torch.Tensor | None = None, seed: int | None = None,
+             progress: bool = False) -> GenerationOutput:
+    """Generate continuations of `prompts` with `model` (a :class:`llmkit.models.GPT`).
+
+    Args:
+        prompts: a str or list of str (needs `tokenizer`), a list of token
+            ids, a list of such lists (lengths may differ), or a (batch,
+            seqlen) tensor with an optional `attention_mask` (left or right
+            padding is removed).
+        tokenizer: a :class:`llmkit.data.tokenizer.Tokenizer` (or anything with
+            ``encode`` / ``decode``) for str prompts, texts and stop strings.
+        max_new_tokens: at most this many tokens per prompt.
+        do_sample: sample (with temperature / top_k / top_p) instead of greedy.
+        repetition_penalty: > 1 discourages tokens already in the sequence.
+        eos_token_id: id(s) that end a sequence; default the model's / tokenizer's EOS.
+        stop_strings: end a sequence once its generated text contains one (needs a tokenizer).
+        seed: seeds the sampler (reproducible sampling).
+        progress: show a tqdm bar of decode steps.
+    """
+    start = time.perf_counter()
+    first_token_time = None
+    events = stream(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                    eos_token_id=eos_token_id, stop_strings=stop_strings, attention_mask=attention_mask,
+                    seed=seed, _return_state=True)
+    state = next(events)  # the prepared prompts
+    sequences = [[] for _ in state["prompts"]]
+    texts = [""] * len(sequences) if tokenizer is not None else None
+    reasons = ["length"] * len(sequences)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="step")
+    step_tokens = 0
+    for event in events:
+        if first_token_time is None:
+            first_token_time = time.perf_counter() - start
+        sequences[event.index].append(event.token_id)
+        if texts is not None:
+            texts[event.index] += event.text
+        if event.finish_reason:
+            reasons[event.index] = event.finish_reason
+        step_tokens += 1
+        if bar is not None and step_tokens >= state["active_at_step"]():
+            bar.update(1)
+            step_tokens = 0
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return GenerationOutput(sequences=sequences, texts=texts, finish_reasons=reasons,
+                            prompt_lengths=[len(p) for p in state["prompts"]],
+                            new_tokens=sum(len(s) for s in sequences), seconds=seconds,
+                            time_to_first_token=first_token_time or seconds)
+
+
+def stream(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
+           attention_mask: torch.Tensor | None = None, seed: int | None = None,
+           _return_state: bool = False) -> Iterator[TokenEvent]:
+    """Like :func:`generate`, but yields a :class:`TokenEvent` per token as it is made
+    (all sequences' tokens of one step, then the next step)."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"generate takes an llmkit.models.GPT, got {type(model).__name__}")
+    prompt_ids = _prompt_ids(prompts, tokenizer, attention_mask)
+    config = model.config
+    for ids in prompt_ids:
+        if not ids:
+            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or repetition_penalty <= 0:
+        raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated text")
+    max_len = max(len(p) for p in prompt_ids) + max_new_tokens
+    if config.position == "learned" and max_len > config.block_size:
+        raise ValueError(f"longest prompt ({max(len(p) for p in prompt_ids)}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's position table (block_size = {config.block_size})")
+    eos_ids = _eos_ids(eos_token_id, tokenizer, config)
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = len(prompt_ids)
+    active = [True] * batch
+    if _return_state:
+        yield {"prompts": prompt_ids, "active_at_step": lambda: max(1, sum(active))}
+
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    history = [list(p) for p in prompt_ids]  # for the repetition penalty
+    decoded = [""] * batch
+    new_counts = [0] * batch
+    cache = KVCache(config, batch, max_len, device=device, dtype=dtype)
+    lengths = torch.tensor([len(p) for p in prompt_ids])
+    tokens = torch.tensor([t for p in prompt_ids for t in p], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+            cu_seqlens[1:] = lengths.cumsum(0)
+            with torch.inference_mode():
+                logits = model(tokens, cu_seqlens=cu_seqlens.to(device), kv_cache=cache,
+                               logits_to_keep="last").logits.float()
+                rows = [b for b in range(batch) if active[b]]
+                next_tokens = _choose(logits, [history[b] for b in rows], do_sample, temperature, top_k, top_p,
+                                      repetition_penalty, generator).tolist()
+            for b, token in zip(rows, next_tokens):
+                history[b].append(token)
+                new_counts[b] += 1
+                reason = None
+                text = None
+                if token in eos_ids:
+                    reason = "eos"
+                if tokenizer is not None:
+                    full = tokenizer.decode(history[b][len(prompt_ids[b]):])
+                    if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for more
+                        full = decoded[b]
+                    if stop_strings and reason is None:
+                        cut = _stop_index(full, stop_strings)
+                        if cut is not None:
+                            full, reason = full[:cut], "stop_string"
+                    text = full[len(decoded[b]):] if full.startswith(decoded[b]) else full
+                    decoded[b] = full
+                if reason is None and new_counts[b] >= max_new_tokens:
+                    reason = "length"
+                if reason is not None:
+                    active[b] = False
+                yield TokenEvent(index=b, token_id=token, text=text, finish_reason=reason)
+            if not any(active):
+                break
+            lengths = torch.tensor([1 if active[b] else 0 for b in range(batch)])
+            tokens = torch.tensor([history[b][-1] for b in range(batch) if active[b]], device=device)
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------- helpers --
+
+def _prompt_ids(prompts, tokenizer, attention_mask) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(p, str) for p in prompts)):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [tokenizer.encode(t) for t in texts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"a prompt tensor must be (batch, seqlen), got shape {tuple(prompts.shape)}")
+        if attention_mask is None:
+            return prompts.tolist()
+        if attention_mask.shape != prompts.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match the prompts {tuple(prompts.shape)}")
+        return [row[mask.bool()].tolist() for row, mask in zip(prompts, attention_mask)]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given")
+        if all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]
+        if all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
+            return [list(p) for p in prompts]
+    raise TypeError("prompts must be a str, a list of str, a list of token ids, a list of such lists, "
+                    "or a (batch, seqlen) tensor")
+
+
+def _eos_ids(eos_token_id, tokenizer, config) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos_token_id is None:
+            eos_token_id = config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+
+def _stop_index(text: str, stop_strings) -> int | None:
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return min(ends) if ends else None
+
+
+def _choose(logits: torch.Tensor, histories, do_sample, temperature, top_k, top_p, repetition_penalty,
+            generator) -> torch.Tensor:
+    """Next token of each row of logits (rows, vocab), transformers' processing order."""
+    if repetition_penalty != 1.0:
+        for row, seen in enumerate(histories):
+            ids = torch.tensor(sorted(set(seen)), device=logits.device)
+            scores = logits[row, ids]
+            logits[row, ids] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
