@@ -8,6 +8,8 @@
     llmkit word2vec train|eval|bias ...   (see llmkit.embeddings.cli)
     llmkit glove train|eval|bias ...
     llmkit embeddings bias VECTORS
+    llmkit models list | info DIR         model presets, Hugging Face checkpoints
+    llmkit generate MODEL_DIR PROMPT ...  text generation (streamed)
 """
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ def _embeddings(args: argparse.Namespace) -> int:
     return cli.run(args)
 
 
+def _models(args: argparse.Namespace) -> int:
+    from llmkit.models import cli
+
+    return cli.run_models(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmkit.models import cli
+
+    return cli.run_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.bench import add_arguments
 
@@ -81,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     embeddings = commands.add_parser("embeddings", help="embedding analyses (bias)")
     embeddings_cli.add_bias(embeddings.add_subparsers(dest="action", metavar="ACTION", required=True))
     embeddings.set_defaults(handler=_embeddings)
+
+    from llmkit.models import cli as models_cli
+
+    models = commands.add_parser("models", help="model presets (parameter counts) and Hugging Face checkpoints")
+    models_cli.add_models_arguments(models)
+    models.set_defaults(handler=_models)
+    generate = commands.add_parser("generate", help="generate text from a checkpoint directory, streamed")
+    models_cli.add_generate_arguments(generate)
+    generate.set_defaults(handler=_generate)
     return parser
 
 

@@ -341,6 +341,56 @@ def _save_pca_plot(kv, pairs) -> str | None:
     return str(path)
 
 
+def transformer_models() -> list[str]:
+    """GPT-2 and Llama checkpoints (random weights, built from configs) in llmkit's GPT:
+    same logits as transformers, a round trip through a checkpoint directory,
+    and greedy generation token for token equal to transformers' generate."""
+    import tempfile
+    import time
+
+    try:
+        import transformers
+    except ImportError:
+        return ["Models: skipped (transformers is not installed)"]
+    import llmkit
+    from llmkit.models import GPT
+
+    transformers.logging.set_verbosity_error()
+    lines = ["Transformer models on llmkit attention (random weights from transformers configs):"]
+    torch.manual_seed(0)
+    builds = {
+        "GPT-2 (6 layers, 384 wide)": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=8192, n_positions=256, n_layer=6, n_head=6, n_embd=384, attn_implementation="sdpa")),
+        "Llama (GQA 8/2 heads, RoPE, SwiGLU)": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=512, attn_implementation="sdpa")),
+    }
+    for label, build in builds.items():
+        hf = build().eval()
+        ours = GPT.from_hf(hf)
+        ids = torch.randint(0, 8192, (2, 64))
+        with torch.no_grad():
+            ref, got = hf(ids).logits, ours(ids).logits
+        with tempfile.TemporaryDirectory() as tmp:
+            ours.to_hf(tmp)
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+            with torch.no_grad():
+                round_trip = (reloaded(ids).logits - ref).abs().max().item()
+        prompt = torch.randint(0, 8192, (1, 16))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
+                                    min_new_tokens=48, do_sample=False, pad_token_id=0)[0, 16:].tolist()
+        hf_rate = 48 / (time.perf_counter() - start)
+        out = llmkit.generate(ours, prompt, max_new_tokens=48, eos_token_id=[])
+        lines += [f"  {label}: {ours.num_parameters() / 1e6:.1f}M parameters",
+                  f"    logits vs transformers: max |diff| {(got - ref).abs().max().item():.1e} "
+                  f"(max |logit| {ref.abs().max().item():.1f}); to_hf -> transformers reload: {round_trip:.1e}",
+                  f"    greedy generation, 48 tokens: {'identical to' if out.sequences[0] == hf_tokens else 'DIFFERS from'} "
+                  f"transformers' generate; {out.tokens_per_second:.0f} tokens/s vs {hf_rate:.0f}"]
+    return lines
+
+
 def main() -> int:
     try:
         from llmkit import ops  # noqa: F401
@@ -382,7 +432,13 @@ def main() -> int:
     print_table(result)
     print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
 
-    print("\n".join(word_embeddings()))
+    print("\n".join(word_embeddings()) + "\n")
+
+    print("\n".join(transformer_models()) + "\n")
+    print("Models benchmark (quick: gpt-tiny; `llmkit bench models` runs the 6-layer 384-wide GPT):\n")
+    result = run_benchmark(registered()["models"], make_options(quick=True))
+    print_table(result)
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved)")
     return 0
 
 

@@ -280,7 +280,7 @@ def run_case(case: Case, opts: RunOptions, floor_gbps: float | None = None) -> C
         if m.samples_s:
             m.median_s, m.min_s = median(m.samples_s), min(m.samples_s)
             m.gbps_in = case.bytes_in / m.median_s / 1e9
-            if floor_gbps:
+            if floor_gbps and case.bytes_moved:  # 0: not a memory-bound workload, no floor to compare
                 m.floor_fraction = case.bytes_moved / m.median_s / 1e9 / floor_gbps
     add_speedups(list(measurements.values()))
     return CaseResult(case.name, case.device, case.params, case.bytes_in, case.bytes_moved,

@@ -1,10 +1,18 @@
 """llmkit.models: transformer families on llmkit's attention kernels.
 
-:class:`GPT` (GPT-2 and Llama-style decoders). Every family loads and writes
-Hugging Face checkpoints (``from_hf`` / ``to_hf``) with identical logits.
+One file a family: :class:`GPT` (GPT-2 and Llama-style decoders, gpt.py),
+:class:`BERT` / RoBERTa and their heads (bert.py), :class:`Longformer`
+(longformer.py). Every family loads and writes Hugging Face checkpoints
+(``from_hf`` / ``to_hf``) with identical logits; ``llmkit models list`` prints
+the presets with their parameter counts.
 """
 
+from .bert import (BERT, BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
+                   BertForTokenClassification)
 from .common import ModelOutput
 from .gpt import GPT, GPTConfig, KVCache
+from .longformer import Longformer, LongformerConfig, LongformerForMaskedLM
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "ModelOutput"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "ModelOutput", "BERT", "BertConfig", "BertForMaskedLM",
+           "BertForPreTraining", "BertForSequenceClassification", "BertForTokenClassification",
+           "Longformer", "LongformerConfig", "LongformerForMaskedLM"]

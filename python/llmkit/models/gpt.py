@@ -190,6 +190,7 @@ GPT_PRESETS = {
                             intermediate_size=176, position="rope", norm="rmsnorm", mlp="swiglu",
                             bias=False, tie_word_embeddings=False, norm_eps=1e-6),
 }
+GPTConfig.PRESETS = GPT_PRESETS  # every family's config class lists its presets as PRESETS
 
 
 # ------------------------------------------------------------------ layers --
@@ -327,7 +328,7 @@ class KVCache:
         shape = (batch * max_len, config.n_kv_head, config.head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.lengths = torch.zeros(batch, dtype=torch.int64)
+        self.lengths = [0] * batch  # filled rows per sequence
 
     def store(self, layer_idx: int, k, v, write_index):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -335,31 +336,30 @@ class KVCache:
         values.index_copy_(0, write_index, v.to(values.dtype))
         return keys, values
 
-    def plan(self, new_lengths: torch.Tensor, device) -> tuple[AttentionLayout, torch.Tensor]:
-        """Layout for appending new_lengths[b] tokens to sequence b (0 = inactive), and their positions."""
-        new_lengths = new_lengths.to(torch.int64).cpu()
-        total_lengths = self.lengths + new_lengths
-        if int(total_lengths.max()) > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens per sequence; "
-                             f"{int(total_lengths.max())} would not fit")
-        starts = torch.arange(self.batch, dtype=torch.int64) * self.max_len
-        # Boundaries alternate: [slot start, end of filled rows, next slot start, ...].
-        cu_k = torch.stack([starts, starts + total_lengths], dim=1).flatten()
-        cu_k = torch.cat([cu_k, torch.tensor([self.batch * self.max_len])])
-        cu_q = torch.zeros(2 * self.batch + 1, dtype=torch.int64)
-        cu_q[1::2] = new_lengths
-        cu_q = cu_q.cumsum(0)
-        active = new_lengths > 0
-        seq = torch.repeat_interleave(torch.arange(self.batch), new_lengths)
-        offset = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(cu_q[1::2] - new_lengths, new_lengths)
-        positions = self.lengths[seq] + offset
-        write_index = starts[seq] + positions
-        max_k = int(max(total_lengths[active].max() if active.any() else 0,
-                        self.max_len - int(total_lengths.min())))
-        layout = AttentionLayout(cu_q.to(device, torch.int32), cu_k.to(device, torch.int32),
-                                 int(new_lengths.max()), max_k, write_index.to(device))
-        self.lengths = total_lengths
-        return layout, positions.to(device)
+    def plan(self, new_lengths, device) -> tuple[AttentionLayout, torch.Tensor]:
+        """Layout for appending new_lengths[b] tokens to sequence b (0 = inactive), and their positions.
+
+        Plain Python on a handful of ints: this runs once per decode step, where
+        a dozen tiny tensor ops would cost more than the attention itself."""
+        new = [int(n) for n in new_lengths]
+        old = self.lengths
+        total = [a + b for a, b in zip(old, new)]
+        if max(total) > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} tokens per sequence; {max(total)} would not fit")
+        cu_q, cu_k, positions, write_index = [0], [], [], []
+        for b, (n, before, after) in enumerate(zip(new, old, total)):
+            start = b * self.max_len
+            cu_q += [cu_q[-1] + n, cu_q[-1] + n]  # the filler after each sequence has no queries
+            cu_k += [start, start + after]
+            positions += range(before, after)
+            write_index += range(start + before, start + after)
+        cu_k.append(self.batch * self.max_len)
+        max_k = max(max(t for t, n in zip(total, new) if n) if any(new) else 0, self.max_len - min(total))
+        layout = AttentionLayout(torch.tensor(cu_q, dtype=torch.int32, device=device),
+                                 torch.tensor(cu_k, dtype=torch.int32, device=device),
+                                 max(new), max_k, torch.tensor(write_index, device=device))
+        self.lengths = total
+        return layout, torch.tensor(positions, device=device)
 
 
 # ------------------------------------------------------------------ model --
@@ -441,8 +441,10 @@ class GPT(nn.Module):
             if cu_seqlens is None:
                 raise ValueError("with kv_cache, pass the new tokens packed: input_ids (total,) and cu_seqlens")
             new_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
-            if new_lengths.numel() != kv_cache.batch:
-                raise ValueError(f"cu_seqlens describes {new_lengths.numel()} sequences, the cache holds {kv_cache.batch}")
+            if new_lengths.numel() != kv_cache.batch or int(cu_seqlens[-1]) != input_ids.shape[0] \
+                    or (new_lengths < 0).any():
+                raise ValueError(f"cu_seqlens must give the new tokens of each of the cache's {kv_cache.batch} "
+                                 f"sequences and add up to the {input_ids.shape[0]} tokens of input_ids")
             layout, positions = kv_cache.plan(new_lengths, input_ids.device)
             last_index = None
         elif attention_mask is not None or cu_seqlens is not None:
