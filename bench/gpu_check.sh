@@ -138,4 +138,9 @@ log "word2vec benchmark"
 timeout 360 $PY -m llmkit.bench word2vec --device all --out "$OUT_DIR" > "$OUT_DIR/bench-word2vec.log" 2>&1
 log "word2vec bench exit $?"
 tail -15 "$OUT_DIR/bench-word2vec.log" >> "$OUT_DIR/summary.txt"
+
+log "models benchmark (GPT-2 124M bf16 training step: MFU, eager and torch.compile; greedy generation)"
+timeout 420 $PY -m llmkit.bench models --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench-models.log" 2>&1
+log "models bench exit $?"
+tail -20 "$OUT_DIR/bench-models.log" >> "$OUT_DIR/summary.txt"
 log "done; results in $OUT_DIR"

@@ -70,16 +70,18 @@ TORCH_LIBRARY(llmkit, m) {
   // Varlen: q (total_q, hq, d), k/v (total_k, hk, d), int32 cu_seqlens (b + 1), lse (hq, total_q).
   // window: -1 unbounded; causal is window_right = 0 (bottom-right aligned).
   // global_tokens: bool (b, s) or (total,), symmetric global attention (sq == sk).
+  // attn_bias: float (b or 1, hq or 1, sq, sk) added to the scaled scores (fixed length only; CPU).
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
-      "Tensor? global_tokens) -> (Tensor out, Tensor lse)");
+      "Tensor? global_tokens, Tensor? attn_bias=None) -> (Tensor out, Tensor lse)");
   // Gradients from the forward's out and lse (recomputes the probabilities).
+  // dbias: like attn_bias when bias_requires_grad, else an empty float32 (0,).
   m.def(
       "flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
-      "int window_left, int window_right, Tensor? global_tokens, bool deterministic) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "int window_left, int window_right, Tensor? global_tokens, bool deterministic, Tensor? attn_bias=None, "
+      "bool bias_requires_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 namespace {

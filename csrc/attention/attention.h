@@ -22,6 +22,13 @@
 // (heads_q, total_q) varlen, natural log, of the scaled scores:
 //   lse[b, h, i] = log sum_{visible j} exp(scale * q_i . k_j).
 // GQA: query head h reads kv head h / (heads_q / heads_kv).
+//
+// Additive bias (fixed length only; T5's relative positions, ALiBi, masks):
+// float32 bias[b, h, i, j] joins the scaled score before the masks above,
+//   s[b, h, i, j] = scale * q_i . k_j + bias[b, h, i, j],
+// so a -inf bias hides a key, and lse is the logsumexp of these s. Its
+// gradient is dS, the gradient of s, written to a dense fp32
+// (batch, heads_q, seqlen_q, seqlen_k) buffer (0 for invisible pairs).
 #pragma once
 
 #include <cstdint>
@@ -53,6 +60,12 @@ struct AttentionParams {
   const bool* global_tokens = nullptr;
   int64_t global_batch_stride = 0;
 
+  // Optional additive bias (float32; stride 0 over broadcast dims, and the
+  // key dimension contiguous): element (b, h, i, j) at
+  //   bias[b * bias_batch_stride + h * bias_head_stride + i * bias_row_stride + j]
+  const float* bias = nullptr;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0;
+
   // Varlen: int32 offsets of batch + 1 entries (on the tensors' device), or
   // nullptr for fixed length (then every sequence has seqlen_q / seqlen_k).
   const int32_t* cu_seqlens_q = nullptr;
@@ -76,6 +89,9 @@ struct AttentionGradParams : AttentionParams {
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
   bool deterministic = false;
+  // Optional: dS written here, dense fp32 (batch, heads_q, seqlen_q, seqlen_k)
+  // zeroed by the caller (pairs the kernels never visit stay 0).
+  float* dbias = nullptr;
 };
 
 // ---- argument checking (attention_ops.cpp), shared by both backends ----
@@ -92,6 +108,13 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         int64_t window_left, int64_t window_right,
                         const c10::optional<at::Tensor>& global_tokens,
                         AttentionParams& params);
+
+// Validates attn_bias (a float tensor (batch or 1, heads_q or 1, seqlen_q,
+// seqlen_k) on q's device; fixed length only) and points `params` at an fp32
+// copy of it (returned, to be kept alive while the kernel runs), broadcast
+// through zero strides. Returns an undefined tensor when there is no bias.
+at::Tensor describe_bias(const c10::optional<at::Tensor>& attn_bias, const at::Tensor& q, bool varlen,
+                         AttentionParams& params);
 
 // Allocates out (like q, contiguous) and lse, and points `params` at them.
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, bool varlen,

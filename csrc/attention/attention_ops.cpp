@@ -212,6 +212,32 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
   point_at_qkv(q, k, v, p);
 }
 
+at::Tensor describe_bias(const c10::optional<at::Tensor>& attn_bias, const at::Tensor& q, bool varlen,
+                         AttentionParams& p) {
+  if (!attn_bias.has_value()) return at::Tensor();
+  const at::Tensor& bias = *attn_bias;
+  TORCH_CHECK_VALUE(!varlen, "flash_attention_varlen: attn_bias is not supported for packed sequences "
+                    "(use the 4-D flash_attention)");
+  const char* op = "flash_attention";
+  TORCH_CHECK_TYPE(at::isFloatingType(bias.scalar_type()), op,
+                   ": attn_bias must be a floating-point tensor (it is added to the scores in float32), got ",
+                   bias.scalar_type());
+  TORCH_CHECK_VALUE(bias.device() == q.device(), op, ": attn_bias must be on q's device (", q.device(), "), got ",
+                    bias.device());
+  TORCH_CHECK_VALUE(bias.dim() == 4 && (bias.size(0) == 1 || bias.size(0) == p.batch) &&
+                        (bias.size(1) == 1 || bias.size(1) == p.heads_q) && bias.size(2) == p.seqlen_q &&
+                        bias.size(3) == p.seqlen_k,
+                    op, ": attn_bias must have shape (batch or 1, heads_q or 1, seqlen_q, seqlen_k) = (", p.batch,
+                    " or 1, ", p.heads_q, " or 1, ", p.seqlen_q, ", ", p.seqlen_k, "), got ", bias.sizes());
+  at::Tensor f = bias.to(at::kFloat);
+  if (f.stride(3) != 1) f = f.contiguous();  // the kernels read a bias row contiguously
+  p.bias = f.const_data_ptr<float>();
+  p.bias_batch_stride = f.size(0) == 1 ? 0 : f.stride(0);  // broadcast: stride 0
+  p.bias_head_stride = f.size(1) == 1 ? 0 : f.stride(1);
+  p.bias_row_stride = f.stride(2);
+  return f;
+}
+
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, bool varlen, AttentionParams& p) {
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse;
@@ -293,12 +319,14 @@ void clear_unowned_rows(const at::Tensor& rows_first, const c10::optional<at::Te
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens) {
+    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens,
+    const c10::optional<at::Tensor>& attn_bias) {
   at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   AttentionParams p;
   check_and_describe(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                      window_right, global_tokens, p);
   const bool varlen = cu_seqlens_q.has_value();
+  const at::Tensor bias = describe_bias(attn_bias, q, varlen, p);  // kept alive through the kernel
   const at::ScalarType dtype = q.scalar_type();
   if (!q.is_cuda()) {
     q = cpu_operand(q), k = cpu_operand(k), v = cpu_operand(v);
@@ -306,6 +334,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
   }
   auto [out, lse] = allocate_outputs(q, varlen, p);
   if (q.is_cuda()) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!bias.defined(),
+                                "flash_attention: attn_bias has no CUDA kernel yet (CPU only); on CUDA, add the "
+                                "bias yourself with torch.nn.functional.scaled_dot_product_attention(attn_mask=...)");
 #ifdef LLMKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     flash_forward_cuda(p, dtype);
@@ -321,11 +352,21 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
+// dS summed over the dimensions the bias broadcasts, in the bias's dtype.
+at::Tensor reduce_dbias(const at::Tensor& dbias_full, const at::Tensor& bias) {
+  std::vector<int64_t> dims;
+  for (int64_t dim : {0, 1})
+    if (bias.size(dim) == 1 && dbias_full.size(dim) != 1) dims.push_back(dim);
+  const at::Tensor reduced = dims.empty() ? dbias_full : dbias_full.sum(dims, /*keepdim=*/true);
+  return reduced.to(bias.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens, bool deterministic) {
+    int64_t window_left, int64_t window_right, const c10::optional<at::Tensor>& global_tokens, bool deterministic,
+    const c10::optional<at::Tensor>& attn_bias, bool bias_requires_grad) {
   at::Tensor q = last_dim_contiguous(q_), k = last_dim_contiguous(k_), v = last_dim_contiguous(v_);
   at::Tensor dout = last_dim_contiguous(dout_), out = last_dim_contiguous(out_);
   AttentionGradParams p;
@@ -333,6 +374,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
                      window_right, global_tokens, p);
   p.deterministic = deterministic;
   const bool varlen = cu_seqlens_q.has_value();
+  const at::Tensor bias = describe_bias(attn_bias, q, varlen, p);  // kept alive through the kernel
+  // dS for the whole (batch, heads_q, seqlen_q, seqlen_k), reduced below to
+  // the bias's broadcast shape; pairs never visited (invisible) keep their 0.
+  at::Tensor dbias_full;
+  if (bias.defined() && bias_requires_grad) {
+    dbias_full = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, q.options().dtype(at::kFloat));
+    p.dbias = dbias_full.data_ptr<float>();
+  }
   const at::ScalarType dtype = q.scalar_type();
   if (!q.is_cuda()) {
     check_backward_args(dout, q, out, lse, varlen, p);  // before converting: errors name the inputs
@@ -341,6 +390,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   }
   auto [dq, dk, dv] = describe_backward(dout, q, k, v, out, lse, varlen, p);
   if (q.is_cuda()) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!bias.defined(),
+                                "flash_attention: attn_bias has no CUDA kernel yet (CPU only); on CUDA, add the "
+                                "bias yourself with torch.nn.functional.scaled_dot_product_attention(attn_mask=...)");
 #ifdef LLMKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     flash_backward_cuda(p, dtype);
@@ -354,7 +406,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward(
   clear_unowned_rows(dq, cu_seqlens_q, 0);
   clear_unowned_rows(dk, cu_seqlens_k, 0);
   clear_unowned_rows(dv, cu_seqlens_k, 0);
-  return {dq, dk, dv};
+  at::Tensor dbias = dbias_full.defined() ? reduce_dbias(dbias_full, *attn_bias)
+                                          : at::empty({0}, q_.options().dtype(at::kFloat));
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace

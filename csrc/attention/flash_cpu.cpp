@@ -1,5 +1,5 @@
 // CPU flash attention: forward and backward, windows, global tokens, GQA,
-// varlen — fp32 / fp16 / bf16 inputs, all arithmetic in fp32.
+// varlen, an additive bias (fixed length) — fp32 / fp16 / bf16 inputs, all arithmetic in fp32.
 //
 // Blocked like flash-attn: a block of queries walks the key blocks it can see
 // (the window's key range, plus the global keys outside it), keeping a
@@ -307,6 +307,41 @@ void for_each_chunk(const KeyPlan& plan, int64_t block_k, int64_t d, const float
   }
 }
 
+// ----------------------------------------------------------- the bias ----
+
+// First bias row of query i0 for (sequence b, query head h).
+const float* bias_rows(const AttentionParams& p, int64_t b, int64_t h, int64_t i0) {
+  return p.bias + b * p.bias_batch_stride + h * p.bias_head_stride + i0 * p.bias_row_stride;
+}
+
+// s[r, :] += bias[i0 + r, the chunk's keys], for a (rows x n) score block.
+void add_bias(const float* bias, int64_t row_stride, int64_t rows, const Chunk& c, float* s, int64_t lds) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict b = bias + r * row_stride;
+    float* __restrict row = s + r * lds;
+    if (c.keys != nullptr) {
+      for (int64_t j = 0; j < c.n; ++j) row[j] += b[c.keys[j]];
+    } else {
+      b += c.first;
+      for (int64_t j = 0; j < c.n; ++j) row[j] += b[j];
+    }
+  }
+}
+
+// dbias[i0 + r, the chunk's keys] = dS[r, :]: each (query row, key) pair is
+// visited once, by the task owning the row, so plain stores suffice.
+void store_dbias(const float* ds, int64_t lds, int64_t rows, const Chunk& c, float* dbias, int64_t seqlen_k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = ds + r * lds;
+    float* dst = dbias + r * seqlen_k;
+    if (c.keys != nullptr) {
+      for (int64_t j = 0; j < c.n; ++j) dst[c.keys[j]] = src[j];
+    } else {
+      std::memcpy(dst + c.first, src, c.n * sizeof(float));
+    }
+  }
+}
+
 // With one side of the window unbounded (causal), blocks cost more the later
 // (or earlier) they come: a thread's contiguous range of tasks then
 // alternates cheap and dear blocks to keep the threads even. Otherwise blocks
@@ -367,6 +402,7 @@ void forward_impl(const AttentionParams& p) {
         const int64_t n = c.n;
         float* s = s_buf.data();
         gemm(false, true, rows, n, d, p.scale, qf, ldq, c.k, c.ldk, 0.f, s, n);
+        if (p.bias) add_bias(bias_rows(p, seq.b, h, i0), p.bias_row_stride, rows, c, s, n);
         if (!c.keys) mask_chunk(sv, i0, rows, c.first, n, s, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = s + r * n;
@@ -480,6 +516,7 @@ void backward_impl(const AttentionGradParams& p) {
             float* dp = dp_buf.data();
             // P = exp(scale * Q K^T - lse), 0 where invisible or the row has no key.
             gemm(false, true, rows, n, d, p.scale, qf, ldq, kf, ldk, 0.f, s, n);
+            if (p.bias) add_bias(bias_rows(p, seq.b, h, i0), p.bias_row_stride, rows, c, s, n);
             if (!idx) mask_chunk(sv, i0, rows, c0, n, s, n);
             for (int64_t r = 0; r < rows; ++r) {
               float* row = s + r * n;
@@ -498,6 +535,10 @@ void backward_impl(const AttentionGradParams& p) {
               const float* prow = s + r * n;
               float* dsrow = dp + r * n;
               for (int64_t j = 0; j < n; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta[r]);
+            }
+            if (p.dbias) {  // dS is the bias's gradient (the score's, before the scale)
+              float* dbias_rows = p.dbias + ((seq.b * p.heads_q + h) * p.seqlen_q + i0) * p.seqlen_k;
+              store_dbias(dp, n, rows, c, dbias_rows, p.seqlen_k);
             }
             // dQ += scale * dS K ; dK += scale * dS^T Q
             gemm(false, false, rows, d, n, p.scale, dp, n, kf, ldk, 1.f, dq_acc.data(), d);

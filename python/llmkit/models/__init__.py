@@ -1,7 +1,8 @@
 """llmkit.models: transformer families on llmkit's attention kernels.
 
 One file a family: :class:`GPT` (GPT-2 and Llama-style decoders, gpt.py),
-:class:`BERT` / RoBERTa and their heads (bert.py), :class:`Longformer`
+:class:`BERT` / RoBERTa and their heads (bert.py), :class:`T5`
+(encoder-decoder with relative position bias, t5.py), :class:`Longformer`
 (longformer.py). Every family loads and writes Hugging Face checkpoints
 (``from_hf`` / ``to_hf``) with identical logits; ``llmkit models list`` prints
 the presets with their parameter counts.
@@ -12,7 +13,8 @@ from .bert import (BERT, BertConfig, BertForMaskedLM, BertForPreTraining, BertFo
 from .common import ModelOutput
 from .gpt import GPT, GPTConfig, KVCache
 from .longformer import Longformer, LongformerConfig, LongformerForMaskedLM
+from .t5 import T5, T5Config
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "ModelOutput", "BERT", "BertConfig", "BertForMaskedLM",
            "BertForPreTraining", "BertForSequenceClassification", "BertForTokenClassification",
-           "Longformer", "LongformerConfig", "LongformerForMaskedLM"]
+           "Longformer", "LongformerConfig", "LongformerForMaskedLM", "T5", "T5Config"]

@@ -519,8 +519,8 @@ class GPT(nn.Module):
         if labels.shape != logits.shape[:-1]:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(logits.shape[:-1])}")
         if not layout.packed:
-            targets = labels[:, 1:]
-            logits = logits[:, :-1]
+            # Shift the labels, not the logits: slicing (batch, seqlen, vocab) would copy it.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         else:
             # Shift within each sequence: a sequence's last token predicts nothing.
             targets = torch.roll(labels, -1).clone()

@@ -51,10 +51,21 @@ def _check_global(global_tokens, causal: bool):
     return global_tokens
 
 
+def _check_bias(attn_bias, q: torch.Tensor):
+    if attn_bias is None:
+        return None
+    if not isinstance(attn_bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a tensor or None, got {type(attn_bias).__name__}")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must be a floating-point tensor (added to the scores in float32), "
+                        f"got {attn_bias.dtype}; for a boolean mask use bias.masked_fill(~mask, -inf)")
+    return attn_bias
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     window: tuple[int, int] = (-1, -1), softmax_scale: float | None = None,
                     global_tokens: torch.Tensor | None = None, return_lse: bool = False,
-                    deterministic: bool = False):
+                    deterministic: bool = False, *, attn_bias: torch.Tensor | None = None):
     """Exact attention, computed blockwise without the (seqlen_q, seqlen_k) matrix.
 
     Args:
@@ -73,10 +84,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             float32 (batch, heads_q, seqlen_q); -inf for a query with no key.
         deterministic: accepted for flash-attn compatibility; every llmkit
             backward is deterministic (no atomics).
+        attn_bias: optional float tensor (batch or 1, heads_q or 1, seqlen_q,
+            seqlen_k), any float dtype (used in float32), added to the scaled
+            scores: ``softmax(scale * q k^T + attn_bias)``, the causal /
+            window / global masks applied on top. -inf entries hide keys
+            (T5's relative position bias, ALiBi, padding masks). CPU only for
+            now; its gradient is that of the pre-softmax scores, summed over
+            the broadcast dimensions (memory: one float32 (batch, heads_q,
+            seqlen_q, seqlen_k) buffer in the backward when it needs a grad).
 
     Returns:
         out (like q), or ``(out, lse)``. A query with no visible key gets 0.
-        Differentiable in q, k and v (backward recomputes from lse).
+        Differentiable in q, k, v and attn_bias (backward recomputes from lse).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
@@ -86,9 +105,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(q.shape)}"
                          " (for packed sequences use flash_attention_varlen)")
+    attn_bias = _check_bias(attn_bias, q)
     out, lse = torch.ops.llmkit.flash_attention_forward(
         q, k, v, None, None, q.shape[1], k.shape[1] if k.dim() == 4 else 0,
-        scale, left, right, global_tokens)
+        scale, left, right, global_tokens, attn_bias)
     return (out, lse) if return_lse else out
 
 
@@ -97,7 +117,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
                            window: tuple[int, int] = (-1, -1), softmax_scale: float | None = None,
                            global_tokens: torch.Tensor | None = None, return_lse: bool = False,
-                           deterministic: bool = False):
+                           deterministic: bool = False, *, attn_bias=None):
     """Attention over packed variable-length sequences (flash_attn_varlen_func).
 
     q (total_q, heads_q, head_dim) and k/v (total_k, heads_kv, head_dim) hold
@@ -106,8 +126,11 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     starting at 0; empty sequences allowed). ``max_seqlen_*`` must be at least
     the longest sequence. ``global_tokens`` is bool (total_q,) and needs
     cu_seqlens_q == cu_seqlens_k. lse is (heads_q, total_q). Everything else
-    as :func:`flash_attention`.
+    as :func:`flash_attention`; ``attn_bias`` is not supported here (ValueError).
     """
+    if attn_bias is not None:
+        raise ValueError("flash_attention_varlen: attn_bias is not supported for packed sequences "
+                         "(pad them and use flash_attention with attn_bias)")
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(name, t)
@@ -127,23 +150,29 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 # ------------------------------------------------------------- autograd ----
 
+_BIAS_INPUT = 11  # attn_bias's position among the forward op's inputs
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens, attn_bias = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, global_tokens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, global_tokens, attn_bias)
     ctx.args = (max_q, max_k, scale, left, right)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, global_tokens = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, global_tokens, attn_bias = ctx.saved_tensors
     max_q, max_k, scale, left, right = ctx.args
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.llmkit.flash_attention_backward(
+    # The dispatcher drops trailing arguments equal to their default (attn_bias=None).
+    needs = ctx.needs_input_grad
+    bias_grad = attn_bias is not None and len(needs) > _BIAS_INPUT and needs[_BIAS_INPUT]
+    dq, dk, dv, dbias = torch.ops.llmkit.flash_attention_backward(
         grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
-        global_tokens, True)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+        global_tokens, True, attn_bias, bias_grad)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dbias if bias_grad else None
 
 
 torch.library.register_autograd("llmkit::flash_attention_forward", _backward, setup_context=_setup_context)
@@ -152,7 +181,7 @@ torch.library.register_autograd("llmkit::flash_attention_forward", _backward, se
 # ------------------------------------------------------- fake kernels ----
 
 @torch.library.register_fake("llmkit::flash_attention_forward")
-def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens):
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_tokens, attn_bias=None):
     out = q.new_empty(q.shape).contiguous()
     if q.dim() == 4:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -163,6 +192,10 @@ def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, global_
 
 @torch.library.register_fake("llmkit::flash_attention_backward")
 def _backward_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right,
-                   global_tokens, deterministic):
+                   global_tokens, deterministic, attn_bias=None, bias_requires_grad=False):
+    if attn_bias is not None and bias_requires_grad:
+        dbias = attn_bias.new_empty(attn_bias.shape).contiguous()
+    else:
+        dbias = q.new_empty((0,), dtype=torch.float32)
     return (q.new_empty(q.shape).contiguous(), k.new_empty(k.shape).contiguous(),
-            v.new_empty(v.shape).contiguous())
+            v.new_empty(v.shape).contiguous(), dbias)

@@ -115,14 +115,18 @@ def attention_mask(seqlen_q: int, seqlen_k: int, window: tuple[int, int] = (-1, 
     return mask
 
 
-def _attention_one(q, k, v, scale, window, global_tokens):
-    """q (sq, hq, d), k/v (sk, hk, d) -> out (sq, hq, d), lse (hq, sq); float64."""
+def _attention_one(q, k, v, scale, window, global_tokens, bias=None):
+    """q (sq, hq, d), k/v (sk, hk, d), bias None or (hq or 1, sq, sk)
+    -> out (sq, hq, d), lse (hq, sq); float64."""
     sq, hq, _ = q.shape
     sk, hk, _ = k.shape
     k = k.repeat_interleave(hq // hk, dim=1)
     v = v.repeat_interleave(hq // hk, dim=1)
     scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    if bias is not None:
+        scores = scores + bias
     mask = attention_mask(sq, sk, window, global_tokens, device=q.device)
+    mask = mask & (scores > float("-inf"))  # a -inf bias hides the key like a mask
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf for a query without keys
     probs = torch.exp(scores - lse[..., None].clamp(min=torch.finfo(scores.dtype).min))
@@ -133,10 +137,11 @@ def _attention_one(q, k, v, scale, window, global_tokens):
 
 def flash_attention(q, k, v, causal: bool = False, window: tuple[int, int] = (-1, -1),
                     softmax_scale: float | None = None, global_tokens: torch.Tensor | None = None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, attn_bias: torch.Tensor | None = None):
     """Reference of :func:`llmkit.ops.flash_attention`: dense, in float64.
 
-    q (batch, sq, hq, d), k/v (batch, sk, hk, d); returns out in float64 (and
+    q (batch, sq, hq, d), k/v (batch, sk, hk, d); attn_bias (batch or 1,
+    hq or 1, sq, sk) added to the scaled scores; returns out in float64 (and
     lse (batch, hq, sq)). Differentiable, so it also defines the gradients.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -144,10 +149,13 @@ def flash_attention(q, k, v, causal: bool = False, window: tuple[int, int] = (-1
     if causal:
         right = 0
     q, k, v = (t.double() for t in (q, k, v))
+    if attn_bias is not None:
+        attn_bias = attn_bias.double()
     outs, lses = [], []
     for b in range(q.shape[0]):
         g = None if global_tokens is None else global_tokens[b]
-        o, l = _attention_one(q[b], k[b], v[b], scale, (left, right), g)
+        bias = None if attn_bias is None else attn_bias[b if attn_bias.shape[0] > 1 else 0]
+        o, l = _attention_one(q[b], k[b], v[b], scale, (left, right), g, bias)
         outs.append(o)
         lses.append(l)
     out, lse = torch.stack(outs), torch.stack(lses)
