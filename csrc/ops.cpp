@@ -65,6 +65,17 @@ TORCH_LIBRARY(llmkit, m) {
       "int nested_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, "
       "bool compute_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 
+  // ---- linear: the decode-time GEMV (CPU) ----
+  // x (..., in) with at most 8 rows, weight (out, in) contiguous, float32: x W^T + bias.
+  m.def("linear_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ---- loss: softmax cross-entropy fused with its gradient ----
+  // losses[i] = logsumexp(logits[i]) - logits[i, targets[i]] (0 where targets[i] == ignore_index);
+  // with compute_grad, logits becomes grad_scale * (softmax - onehot) in place (0 on ignored rows).
+  m.def(
+      "cross_entropy_fused_(Tensor(a!) logits, Tensor targets, int ignore_index, float grad_scale, "
+      "bool compute_grad) -> Tensor losses");
+
   // ---- attention: flash attention, sliding window, Longformer global tokens ----
   // Fixed length: q (b, sq, hq, d), k/v (b, sk, hk, d), cu_seqlens None, lse (b, hq, sq).
   // Varlen: q (total_q, hq, d), k/v (total_k, hk, d), int32 cu_seqlens (b + 1), lse (hq, total_q).

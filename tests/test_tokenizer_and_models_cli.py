@@ -111,5 +111,6 @@ def test_models_bench_quick_runs_both_contenders_on_the_same_weights():
     train = {m.contender: m for m in harness.run_case(cases[0], opts).measurements}
     assert all(m.ok for m in train.values()) and train["transformers-sdpa"].speedup is not None
     assert "DIFFERS" not in train["llmkit"].note and train["llmkit"].note.startswith("loss ")
+    assert "DIFFERS" not in train["llmkit, full logits + F.cross_entropy"].note
     generate = {m.contender: m for m in harness.run_case(cases[1], opts).measurements}
     assert generate["llmkit"].note.startswith("1/1 sequences token-for-token equal")

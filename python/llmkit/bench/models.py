@@ -9,7 +9,10 @@ Cases:
 * CPU fp32, torch's threads: a training step (forward + backward of the
   next-token loss, gradients dropped) of the "gpt-6l-384" preset (6 layers,
   6 heads, 384 wide, vocabulary 8192) on batch 8 x seqlen 256, against
-  GPT2LMHeadModel with attn_implementation="sdpa" and dropout 0.
+  GPT2LMHeadModel with attn_implementation="sdpa" and dropout 0. llmkit's
+  row is its training path (``logits_to_keep="none"``: the fused LM head +
+  cross-entropy); a second llmkit row computes the full logits and
+  F.cross_entropy, as transformers does, to show what each part is worth.
 * CPU fp32: greedy generation, llmkit.generate vs transformers' generate
   (do_sample=False, exactly max_new_tokens tokens): one 32-token prompt and
   128 new tokens; four prompts of 8-32 tokens and 64 new tokens each
@@ -33,6 +36,7 @@ from .harness import Benchmark, BenchResult, Case, Contender, RunOptions, add_no
 OURS = "llmkit"
 PEER = "transformers-sdpa"
 GENERATE_PEER = "transformers generate"
+FULL_LOGITS = "llmkit, full logits + F.cross_entropy"
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor-core peak (the MFU denominator)
 
 
@@ -78,10 +82,10 @@ def train_case(device: str, preset: str, batch: int, seqlen: int, dtype: str, co
         ids = torch.randint(0, config.vocab_size, (batch, seqlen), device=device)
         return ours, hf, ids
 
-    def step(model, ids, autocast):
+    def step(model, ids, autocast, **options):
         def call():
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(ids, labels=ids).loss
+                loss = model(ids, labels=ids, **options).loss
             loss.backward()
             for p in model.parameters():
                 p.grad = None
@@ -90,13 +94,18 @@ def train_case(device: str, preset: str, batch: int, seqlen: int, dtype: str, co
 
     autocast = dtype == "bf16"
 
+    # llmkit's training path: the fused LM head + loss (no logits tensor).
     def setup_ours(inputs):
+        ours, _, ids = inputs
+        return step(ours, ids, autocast, logits_to_keep="none")
+
+    def setup_ours_full_logits(inputs):
         ours, _, ids = inputs
         return step(ours, ids, autocast)
 
     def setup_ours_compiled(inputs):
         ours, _, ids = inputs
-        return step(torch.compile(ours), ids, autocast)
+        return step(torch.compile(ours), ids, autocast, logits_to_keep="none")
 
     def setup_hf(inputs):
         _, hf, ids = inputs
@@ -109,7 +118,7 @@ def train_case(device: str, preset: str, batch: int, seqlen: int, dtype: str, co
                                                  else f" DIFFERS from {PEER}'s {float(ref):.5f}")
                 for name, v in outputs.items()}
 
-    contenders = [Contender(OURS, setup_ours, ours=True)]
+    contenders = [Contender(OURS, setup_ours, ours=True), Contender(FULL_LOGITS, setup_ours_full_logits)]
     if compiled:
         contenders.append(Contender("llmkit (torch.compile)", setup_ours_compiled))
     contenders.append(Contender(PEER, setup_hf))

@@ -24,14 +24,16 @@ Three ways to call the model, all through the same kernel:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.loss import linear_cross_entropy
 from ..nn.rope import RotaryEmbedding, rotate_half
 from ..ops.attention import flash_attention, flash_attention_varlen
+from ..ops.linear import decode_linear
 from .common import ModelOutput, check_input_ids, check_length, count_parameters, format_count, unpad
 from .hf_io import load_hf_checkpoint, save_hf_checkpoint
 
@@ -95,7 +97,7 @@ class GPTConfig:
     def preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in GPT_PRESETS:
             raise ValueError(f"unknown GPT preset {name!r}; choose from {sorted(GPT_PRESETS)}")
-        return replace(GPT_PRESETS[name], **overrides)
+        return cls(**{**GPT_PRESETS[name], **overrides})
 
     # ---------------------------------------------------- Hugging Face --
     @classmethod
@@ -178,17 +180,17 @@ def _first(token_id):
     return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
 
 
-GPT_PRESETS = {
+GPT_PRESETS = {  # keyword arguments of GPTConfig (derived fields, e.g. head_dim, follow overrides)
     # Tests and the CPU demo.
-    "gpt-tiny": GPTConfig(vocab_size=512, block_size=256, n_layer=2, n_head=4, n_embd=64),
+    "gpt-tiny": dict(vocab_size=512, block_size=256, n_layer=2, n_head=4, n_embd=64),
     # nanoGPT's "baby GPT" shape (6 layers, 6 heads, 384 wide, context 256) with a
     # BPE-sized vocabulary: the CPU benchmark's model.
-    "gpt-6l-384": GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384),
-    "gpt2": GPTConfig(),  # 124M
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "llama-tiny": GPTConfig(vocab_size=512, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                            intermediate_size=176, position="rope", norm="rmsnorm", mlp="swiglu",
-                            bias=False, tie_word_embeddings=False, norm_eps=1e-6),
+    "gpt-6l-384": dict(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384),
+    "gpt2": dict(),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "llama-tiny": dict(vocab_size=512, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                       intermediate_size=176, position="rope", norm="rmsnorm", mlp="swiglu",
+                       bias=False, tie_word_embeddings=False, norm_eps=1e-6),
 }
 GPTConfig.PRESETS = GPT_PRESETS  # every family's config class lists its presets as PRESETS
 
@@ -209,6 +211,12 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def _apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if type(norm) is nn.LayerNorm:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def _norm(config: GPTConfig) -> nn.Module:
@@ -431,8 +439,11 @@ class GPT(nn.Module):
             kv_cache: append the tokens to this cache (see KVCache; the
                 batch is given as ``input_ids`` (total,) with
                 ``cu_seqlens`` of the new tokens per cached sequence).
-            logits_to_keep: "all" or "last" (the last token of each
-                sequence, what generation needs; returns (batch, vocab)).
+            logits_to_keep: "all"; "last" (the last token of each
+                sequence, what generation needs; returns (batch, vocab)); or
+                "none" with labels: the loss only, through the fused LM head +
+                cross-entropy (llmkit.nn.loss.linear_cross_entropy), which
+                never writes the (tokens, vocab) logits: the training path.
         """
         config = self.config
         check_input_ids(input_ids, config.vocab_size)
@@ -491,10 +502,15 @@ class GPT(nn.Module):
             rope = (cos[0, :, None], sin[0, :, None]) if layout.packed else (cos[:, :, None], sin[:, :, None])
         if config.dropout and self.training:
             x = F.dropout(x, config.dropout)
-        for block in self.transformer.h:
-            x = block(x, rope, layout, kv_cache)
+        if kv_cache is not None and not torch.is_grad_enabled() and self._plain_modules():
+            x = self._decode_blocks(x, rope, layout, kv_cache)
+        else:
+            for block in self.transformer.h:
+                x = block(x, rope, layout, kv_cache)
         x = self.transformer.ln_f(x)
 
+        if logits_to_keep not in ("all", "last", "none"):
+            raise ValueError(f'logits_to_keep must be "all", "last" or "none", got {logits_to_keep!r}')
         if logits_to_keep == "last":
             if kv_cache is not None:
                 ends = torch.cumsum(new_lengths, 0) - 1
@@ -503,30 +519,87 @@ class GPT(nn.Module):
                 x = x[last_index]
             else:
                 x = x[:, -1]
+            if kv_cache is not None and not torch.is_grad_enabled() and type(self.lm_head) is nn.Linear:
+                return ModelOutput(logits=decode_linear(x, self.lm_head.weight), last_hidden_state=x)
             return ModelOutput(logits=self.lm_head(x), last_hidden_state=x)
+        if labels is not None and labels.shape != x.shape[:-1]:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(x.shape[:-1])}")
+        if logits_to_keep == "none":
+            if labels is None:
+                raise ValueError('logits_to_keep="none" is for training: pass labels')
+            # The fused LM head + loss: no (tokens, vocab) logits tensor at all.
+            targets = self._next_token_targets(labels, layout)
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            return ModelOutput(logits=None, loss=loss, last_hidden_state=x)
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            loss = self._next_token_loss(logits, labels, layout)
+            targets = self._next_token_targets(labels, layout)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
         if padded_shape is not None:
             full = logits.new_zeros(padded_shape[0] * padded_shape[1], logits.shape[-1])
             full[indices] = logits
             logits = full.view(*padded_shape, -1)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=x)
 
+    _PLAIN = (nn.Linear, nn.LayerNorm, RMSNorm)
+
+    def _plain_modules(self) -> bool:
+        """Every layer of the blocks is a plain Linear / norm (no LoRA adapter, no
+        quantized layer), so decoding may call their weights directly."""
+        return all(type(m) in self._PLAIN for block in self.transformer.h
+                   for m in (block.ln_1, block.ln_2, block.attn.c_attn, block.attn.c_proj,
+                             block.mlp.c_fc, block.mlp.c_proj))
+
+    def _decode_blocks(self, x, rope, layout, cache):
+        """The blocks of a cached inference step, as plain functional calls.
+
+        The same math as Block.forward; a decode step moves one token per
+        sequence, so module calls and argument checks would cost about as
+        much as the GEMVs themselves (measured: 1.8 ms of overhead a step for
+        6 layers), and the GEMVs go to llmkit's multi-threaded kernel
+        (ops.decode_linear: ~2x MKL's weight-read bandwidth on 2 cores).
+        Only taken when every layer is plain (_plain_modules).
+        """
+        config = self.config
+        flash_forward = torch.ops.llmkit.flash_attention_forward
+        for i, block in enumerate(self.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            lead = x.shape[:-1]
+            h = _apply_norm(block.ln_1, x)
+            q, k, v = decode_linear(h, attn.c_attn.weight, attn.c_attn.bias).split(
+                [attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q = q.view(*lead, attn.n_head, attn.head_dim)
+            k = k.view(*lead, attn.n_kv_head, attn.head_dim)
+            v = v.view(*lead, attn.n_kv_head, attn.head_dim)
+            if rope is not None:
+                cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            keys, values = cache.store(i, k, v, layout.write_index)
+            y, _ = flash_forward(q.contiguous(), keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k,
+                                 layout.max_seqlen_q, layout.max_seqlen_k, attn.head_dim ** -0.5,
+                                 attn.window[0], 0, None)
+            x = x + decode_linear(y.view(*lead, attn.q_size), attn.c_proj.weight, attn.c_proj.bias)
+            h = decode_linear(_apply_norm(block.ln_2, x), mlp.c_fc.weight, mlp.c_fc.bias)
+            if mlp.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + decode_linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
+        return x
+
     @staticmethod
-    def _next_token_loss(logits, labels, layout):
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(logits.shape[:-1])}")
+    def _next_token_targets(labels, layout):
+        """Position t is scored on labels[t + 1]; -100 where there is no next token."""
         if not layout.packed:
             # Shift the labels, not the logits: slicing (batch, seqlen, vocab) would copy it.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-        else:
-            # Shift within each sequence: a sequence's last token predicts nothing.
-            targets = torch.roll(labels, -1).clone()
-            targets[layout.cu_seqlens_q[1:].long() - 1] = -100
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                               ignore_index=-100)
+            return F.pad(labels[:, 1:], (0, 1), value=-100)
+        # Shift within each sequence: a sequence's last token predicts nothing.
+        targets = torch.roll(labels, -1).clone()
+        targets[layout.cu_seqlens_q[1:].long() - 1] = -100
+        return targets
 
     # ------------------------------------------------------ Hugging Face --
     @classmethod

@@ -7,6 +7,8 @@ for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
 from . import reference
 from .attention import flash_attention, flash_attention_varlen
 from .lora import lora_dropout, lora_linear
+from .linear import decode_linear, linear_gemv
+from .loss import cross_entropy_fused_
 from .quant import dequantize_nf4, nf4_linear, quantize_blockwise_8bit, quantize_nf4
 from .quant_state import NestedState, NF4State, dynamic_map, nf4_code
 
@@ -19,6 +21,9 @@ __all__ = [
     "nf4_linear",
     "lora_linear",
     "lora_dropout",
+    "cross_entropy_fused_",
+    "linear_gemv",
+    "decode_linear",
     "NF4State",
     "NestedState",
     "dynamic_map",

@@ -249,6 +249,31 @@ def lora_linear(x, base, bias, lora_A, lora_B, scaling: float, dropout_p: float 
     return y + scaling * (xd @ lora_A.double().T) @ lora_B.double().T
 
 
+# ---------------------------------------------------------------- linear --
+
+def linear_gemv(x, weight, bias=None):
+    """Reference of :func:`llmkit.ops.linear_gemv`: F.linear in float64."""
+    out = x.double() @ weight.double().t()
+    return out + bias.double() if bias is not None else out
+
+
+# ------------------------------------------------------------------ loss --
+
+def cross_entropy_fused_(logits, targets, ignore_index: int = -100, grad_scale: float = 1.0,
+                         compute_grad: bool = True):
+    """Reference of :func:`llmkit.ops.loss.cross_entropy_fused_` in float64:
+    returns (losses, gradient) instead of writing the gradient in place."""
+    x = logits.double()
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    lse = torch.logsumexp(x, dim=1)
+    losses = (lse - x.gather(1, safe[:, None])[:, 0]) * valid
+    grad = torch.softmax(x, dim=1)
+    grad[torch.arange(x.shape[0]), safe] -= 1.0
+    grad = grad * grad_scale * valid[:, None]
+    return losses, (grad if compute_grad else None)
+
+
 # ----------------------------------------------------------------- GloVe --
 
 def glove_cooccurrences(sentences, vocab: int, window: int, symmetric: bool = True,
