@@ -17,6 +17,11 @@ Word embeddings: word2vec skip-gram trained on the corpus llmkit ships
 (5.6 M words, about a minute on 2 cores), then analogies, nearest
 neighbours, the analogy / wordsim353 scores, Bolukbasi et al.'s extreme
 she/he occupations and a 2-D PCA plot (PNG) of gendered word pairs.
+
+Transformer models: GPT-2 and Llama checkpoints (random weights, built from
+transformers configs) in llmkit's GPT with their logits, a to_hf round trip
+and greedy generation compared with transformers; RoBERTa, T5 and
+Longformer logits likewise; then `llmkit bench models --quick`.
 """
 from __future__ import annotations
 
@@ -388,6 +393,50 @@ def transformer_models() -> list[str]:
                   f"(max |logit| {ref.abs().max().item():.1f}); to_hf -> transformers reload: {round_trip:.1e}",
                   f"    greedy generation, 48 tokens: {'identical to' if out.sequences[0] == hf_tokens else 'DIFFERS from'} "
                   f"transformers' generate; {out.tokens_per_second:.0f} tokens/s vs {hf_rate:.0f}"]
+    lines += _encoder_models(transformers)
+    return lines
+
+
+def _encoder_models(transformers) -> list[str]:
+    """RoBERTa (padding-free), T5 (relative position bias) and Longformer (window +
+    global tokens) against transformers on a padded batch."""
+    from llmkit.models import T5, BertForMaskedLM, LongformerForMaskedLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (2, 48))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    keep = mask.bool()
+    lines = []
+    roberta = transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=130)).eval()
+    ours = BertForMaskedLM.from_hf(roberta).eval()
+    with torch.no_grad():
+        diff = (ours(ids, attention_mask=mask).logits[keep] - roberta(ids, attention_mask=mask).logits[keep]).abs().max()
+    lines.append(f"  RoBERTa MLM (padding-free, varlen attention): max |logit diff| vs transformers {diff:.1e}")
+    t5_hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=1000, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    t5 = T5.from_hf(t5_hf).eval()
+    labels = torch.randint(5, 1000, (2, 12))
+    with torch.no_grad():
+        diff = (t5(ids, attention_mask=mask, labels=labels).logits
+                - t5_hf(input_ids=ids, attention_mask=mask, labels=labels).logits).abs().max()
+        same = (t5.generate(ids, attention_mask=mask, max_new_tokens=16).tolist()
+                == t5_hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False).tolist())
+    lines.append(f"  T5 v1.1 (relative position bias through attn_bias): max |logit diff| {diff:.1e}; "
+                 f"greedy generate {'identical to' if same else 'DIFFERS from'} transformers'")
+    longformer = transformers.LongformerForMaskedLM(transformers.LongformerConfig(
+        vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=130, attention_window=16)).eval()
+    ours = LongformerForMaskedLM.from_hf(longformer).eval()
+    glob = torch.zeros_like(ids)
+    glob[:, 0] = 1
+    with torch.no_grad():
+        diff = (ours(ids, attention_mask=mask, global_attention_mask=glob).logits[keep]
+                - longformer(ids, attention_mask=mask, global_attention_mask=glob).logits[keep]).abs().max()
+    lines.append(f"  Longformer (window 16, [CLS] global): max |logit diff| vs transformers {diff:.1e}")
     return lines
 
 

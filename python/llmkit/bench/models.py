@@ -128,7 +128,7 @@ def train_case(device: str, preset: str, batch: int, seqlen: int, dtype: str, co
     return Case(name=f"train step {dtype} {preset} b{batch} s{seqlen}", device=device, bytes_in=int(flops),
                 bytes_moved=0, contenders=contenders, make_inputs=make_inputs, check=check,
                 params={"kind": "train", "tokens": tokens, "flops": flops, "dtype": dtype, "preset": preset},
-                notes=notes, max_call_s=30.0, budget_s=10.0)
+                notes=notes, max_call_s=30.0, budget_s=16.0)
 
 
 # ------------------------------------------------------------- generation --
