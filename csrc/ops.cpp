@@ -65,6 +65,10 @@ TORCH_LIBRARY(llmkit, m) {
       "int nested_blocksize, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor seed, "
       "bool compute_grad_x) -> (Tensor grad_x, Tensor grad_A, Tensor grad_B)");
 
+  // ---- activation: GELU, tanh approximation (GPT-2's gelu_new) ----
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor");
+
   // ---- linear: the decode-time GEMV (CPU) ----
   // x (..., in) with at most 8 rows, weight (out, in) contiguous, float32: x W^T + bias.
   m.def("linear_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -7,6 +7,7 @@ for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
 from . import reference
 from .attention import flash_attention, flash_attention_varlen
 from .lora import lora_dropout, lora_linear
+from .activation import gelu_tanh
 from .linear import decode_linear, linear_gemv
 from .loss import cross_entropy_fused_
 from .quant import dequantize_nf4, nf4_linear, quantize_blockwise_8bit, quantize_nf4
@@ -23,6 +24,7 @@ __all__ = [
     "lora_dropout",
     "cross_entropy_fused_",
     "linear_gemv",
+    "gelu_tanh",
     "decode_linear",
     "NF4State",
     "NestedState",

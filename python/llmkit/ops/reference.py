@@ -9,6 +9,8 @@ check the float64 properties (error bounds) on top.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .quant_state import NF4_CODES, NestedState, NF4State, cached_dynamic_map
@@ -247,6 +249,14 @@ def lora_linear(x, base, bias, lora_A, lora_B, scaling: float, dropout_p: float 
         y = nf4_linear(x, base[0], base[1], bias)
     xd = lora_dropout(x, dropout_p, seed)
     return y + scaling * (xd @ lora_A.double().T) @ lora_B.double().T
+
+
+# ------------------------------------------------------------ activation --
+
+def gelu_tanh(x):
+    """Reference of :func:`llmkit.ops.gelu_tanh` in float64."""
+    x = x.double()
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
 # ---------------------------------------------------------------- linear --
