@@ -1,15 +1,12 @@
 """gelu_tanh (GPT-2's gelu_new) against the float64 reference and ATen."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llmkit  # noqa: F401
 from llmkit.ops import gelu_tanh, reference
+from portable import run_portable  # tests/portable.py
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1003, 100_003])
@@ -45,9 +42,7 @@ def test_portable_build_matches_too():
             "g = torch.randn(1001); d = torch.ops.llmkit.gelu_tanh_backward(g, x)\n"
             "torch.testing.assert_close(d, torch.ops.aten.gelu_backward(g, x, approximate='tanh'), rtol=1e-5,"
             " atol=1e-5); print('ok')\n")
-    env = dict(os.environ, LLMKIT_FORCE_SCALAR="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    run_portable(code)
 
 
 def test_opcheck_and_errors():

@@ -1,15 +1,12 @@
 """The decode-time GEMV op (CPU) against the float64 reference."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import llmkit  # noqa: F401
 from llmkit.ops import decode_linear, linear_gemv, reference
+from portable import run_portable  # tests/portable.py
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
@@ -39,9 +36,7 @@ def test_portable_build_matches_too():
             "torch.manual_seed(0); x = torch.randn(3, 131); w = torch.randn(77, 131); b = torch.randn(77)\n"
             "torch.testing.assert_close(linear_gemv(x, w, b).double(), reference.linear_gemv(x, w, b),"
             " rtol=1e-5, atol=1e-4); print('ok')\n")
-    env = dict(os.environ, LLMKIT_FORCE_SCALAR="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    run_portable(code)
 
 
 def test_bad_input_and_fallback():
