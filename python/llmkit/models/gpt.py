@@ -63,6 +63,7 @@ class GPTConfig:
     norm: str = "layernorm"
     mlp: str = "gelu"
     bias: bool = True
+    qkv_bias: bool | None = None  # biases on q, k, v only (Qwen2); None: follow `bias`
     tie_word_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -75,6 +76,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head}); set head_dim")
@@ -137,19 +140,22 @@ class GPTConfig:
                          position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                          tie_word_embeddings=hf.get("tie_word_embeddings", False),
                          norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                         sliding_window=window, **ids)
-            config._qkv_bias = qkv_bias
+                         sliding_window=window, qkv_bias=qkv_bias, **ids)
             return config
         raise ValueError(f"GPT.from_hf takes gpt2, llama, mistral or qwen2 checkpoints, got model_type {kind!r}")
 
     @property
     def hf_model_type(self) -> str:
-        if self.position == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and self.bias \
+        if self.position == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and self.bias and self.qkv_bias \
                 and self.n_kv_head == self.n_head and self.sliding_window is None \
                 and self.head_dim * self.n_head == self.n_embd:
             return "gpt2"
         if self.position == "rope" and self.norm == "rmsnorm" and self.mlp == "swiglu" and not self.bias:
-            return "mistral" if self.sliding_window else ("qwen2" if getattr(self, "_qkv_bias", False) else "llama")
+            if self.sliding_window:
+                if self.qkv_bias:
+                    raise ValueError("a sliding window with q/k/v biases matches no transformers architecture")
+                return "mistral"
+            return "qwen2" if self.qkv_bias else "llama"
         raise ValueError("this GPTConfig mixes GPT-2 and Llama options: no transformers architecture matches it")
 
     def to_hf_config(self) -> dict:
@@ -251,7 +257,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_bias = config.bias or getattr(config, "_qkv_bias", False)
+        qkv_bias = config.qkv_bias
         self.q_size, self.kv_size = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         # One matmul for q, k and v: [q | k | v] along the output features.
         self.c_attn = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=qkv_bias)
@@ -645,7 +651,7 @@ def _state_from_hf(config: GPTConfig, hf: dict) -> dict:
             out[q + "ln_1.weight"] = hf[p + "input_layernorm.weight"]
             out[q + "ln_2.weight"] = hf[p + "post_attention_layernorm.weight"]
             out[q + "attn.c_attn.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-            if getattr(config, "_qkv_bias", False):
+            if config.qkv_bias:
                 out[q + "attn.c_attn.bias"] = torch.cat([hf[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
             out[q + "attn.c_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
             out[q + "mlp.c_fc.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
