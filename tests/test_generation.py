@@ -122,3 +122,7 @@ def test_generate_bad_input():
         llmkit.generate(ours, [[1]], do_sample=True, temperature=0)
     with pytest.raises(TypeError, match="llmkit.models.GPT"):
         llmkit.generate(torch.nn.Linear(2, 2), [[1]])
+    with pytest.raises(ValueError, match="empty prompt"):
+        llmkit.stream(ours, [[]])  # raised by the call, before any iteration
+    out = llmkit.generate(ours, [[1, 2]], max_new_tokens=3, eos_token_id=[], progress=True)
+    assert len(out.sequences[0]) == 3

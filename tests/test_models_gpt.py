@@ -158,6 +158,9 @@ def test_kv_cache_steps_equal_full_forward(kind):
         ref = ours(torch.cat([seqs[1], torch.tensor([5])])[None]).logits[0, -1]
         assert out.shape == (1, VOCAB) and rel_err(out[0], ref) < 1e-5
     assert cache.lengths == [13, 5]
+    with pytest.raises(ValueError, match="for inference"):
+        ours(torch.arange(2), labels=torch.arange(2), cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32),
+             kv_cache=cache)
     with pytest.raises(ValueError, match="KV cache holds 20"):
         ours(torch.arange(16), cu_seqlens=torch.tensor([0, 8, 16], dtype=torch.int32), kv_cache=cache)
 

@@ -75,6 +75,8 @@ def test_tokenizer_errors(tmp_path):
         tok(["a", "the cat sat"])
     with pytest.raises(TypeError, match="takes a str"):
         tok.encode(["a"])
+    with pytest.raises(ValueError, match="no texts"):
+        tok([])
 
 
 def test_models_list_and_info_and_generate_commands(tmp_path, capsys):
@@ -88,15 +90,14 @@ def test_models_list_and_info_and_generate_commands(tmp_path, capsys):
     model.to_hf(model_dir)
     assert main(["models", "info", str(model_dir)]) == 0
     assert "GPT from" in capsys.readouterr().out
-    assert main(["generate", str(model_dir), "the cat", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", str(model_dir), "the cat", "--max-new-tokens", "5", "--ignore-eos"]) == 0
     out = capsys.readouterr()
-    assert "5 tokens in" in out.err or "tokens in" in out.err
-    expected = model  # the printed text is the greedy continuation
-    import llmkit
+    assert "(5 tokens in" in out.err
+    import llmkit  # the printed text is the greedy continuation
     tok = Tokenizer.from_file(model_dir)
-    greedy = llmkit.generate(expected, "the cat", tokenizer=tok, max_new_tokens=5)
-    assert out.out.strip() == greedy.texts[0].strip()
-    assert main(["generate", str(model_dir), "1 5 9", "--ids", "--max-new-tokens", "3"]) == 0
+    greedy = llmkit.generate(model, "the cat", tokenizer=tok, max_new_tokens=5, eos_token_id=[])
+    assert len(greedy.sequences[0]) == 5 and out.out.strip() == greedy.texts[0].strip()
+    assert main(["generate", str(model_dir), "1 5 9", "--ids", "--max-new-tokens", "3", "--ignore-eos"]) == 0
     assert len(capsys.readouterr().out.split()) == 3
     assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -87,21 +87,18 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
         progress: show a tqdm bar of decode steps.
     """
     start = time.perf_counter()
+    plan = _Plan(model, prompts, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p,
+                 repetition_penalty, eos_token_id, stop_strings, attention_mask, seed)
+    batch = len(plan.prompt_ids)
+    sequences = [[] for _ in range(batch)]
+    texts = [""] * batch if tokenizer is not None else None
+    reasons = ["length"] * batch
     first_token_time = None
-    events = stream(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                    temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                    eos_token_id=eos_token_id, stop_strings=stop_strings, attention_mask=attention_mask,
-                    seed=seed, _return_state=True)
-    state = next(events)  # the prepared prompts
-    sequences = [[] for _ in state["prompts"]]
-    texts = [""] * len(sequences) if tokenizer is not None else None
-    reasons = ["length"] * len(sequences)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=max_new_tokens, desc="generate", unit="step")
-    step_tokens = 0
-    for event in events:
+    for event in _decode(plan, on_step=bar.update if bar is not None else None):
         if first_token_time is None:
             first_token_time = time.perf_counter() - start
         sequences[event.index].append(event.token_id)
@@ -109,15 +106,11 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
             texts[event.index] += event.text
         if event.finish_reason:
             reasons[event.index] = event.finish_reason
-        step_tokens += 1
-        if bar is not None and step_tokens >= state["active_at_step"]():
-            bar.update(1)
-            step_tokens = 0
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
     return GenerationOutput(sequences=sequences, texts=texts, finish_reasons=reasons,
-                            prompt_lengths=[len(p) for p in state["prompts"]],
+                            prompt_lengths=[len(p) for p in plan.prompt_ids],
                             new_tokens=sum(len(s) for s in sequences), seconds=seconds,
                             time_to_first_token=first_token_time or seconds)
 
@@ -125,84 +118,100 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
 def stream(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_sample: bool = False,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
            eos_token_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-           attention_mask: torch.Tensor | None = None, seed: int | None = None,
-           _return_state: bool = False) -> Iterator[TokenEvent]:
-    """Like :func:`generate`, but yields a :class:`TokenEvent` per token as it is made
-    (all sequences' tokens of one step, then the next step)."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"generate takes an llmkit.models.GPT, got {type(model).__name__}")
-    prompt_ids = _prompt_ids(prompts, tokenizer, attention_mask)
-    config = model.config
-    for ids in prompt_ids:
-        if not ids:
-            raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or repetition_penalty <= 0:
-        raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    max_len = max(len(p) for p in prompt_ids) + max_new_tokens
-    if config.position == "learned" and max_len > config.block_size:
-        raise ValueError(f"longest prompt ({max(len(p) for p in prompt_ids)}) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's position table (block_size = {config.block_size})")
-    eos_ids = _eos_ids(eos_token_id, tokenizer, config)
+           attention_mask: torch.Tensor | None = None, seed: int | None = None) -> Iterator[TokenEvent]:
+    """Like :func:`generate`, but returns an iterator of :class:`TokenEvent`, one per
+    token as it is made (all sequences' tokens of one step, then the next step).
+    Bad arguments raise here, not at the first ``next``."""
+    plan = _Plan(model, prompts, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p,
+                 repetition_penalty, eos_token_id, stop_strings, attention_mask, seed)
+    return _decode(plan)
 
+
+class _Plan:
+    """The checked arguments of one generate / stream call."""
+
+    def __init__(self, model, prompts, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p,
+                 repetition_penalty, eos_token_id, stop_strings, attention_mask, seed):
+        if not isinstance(model, GPT):
+            raise TypeError(f"generate takes an llmkit.models.GPT, got {type(model).__name__}")
+        self.prompt_ids = _prompt_ids(prompts, tokenizer, attention_mask)
+        config = model.config
+        for ids in self.prompt_ids:
+            if not ids:
+                raise ValueError("empty prompt: give at least one token (e.g. the BOS token)")
+            bad = [t for t in ids if not 0 <= t < config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0 or repetition_penalty <= 0:
+            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text")
+        longest = max(len(p) for p in self.prompt_ids)
+        self.max_len = longest + max_new_tokens
+        if config.position == "learned" and self.max_len > config.block_size:
+            raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the model's position table (block_size = {config.block_size})")
+        self.eos_ids = _eos_ids(eos_token_id, tokenizer, config)
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.sampling = (do_sample, temperature, top_k, top_p, repetition_penalty)
+        self.stop_strings, self.seed = stop_strings, seed
+
+
+def _decode(plan: _Plan, on_step=None) -> Iterator[TokenEvent]:
+    """Prefill every prompt, then one token per unfinished sequence a step; on_step() after each step."""
+    model, tokenizer, prompt_ids = plan.model, plan.tokenizer, plan.prompt_ids
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batch = len(prompt_ids)
     active = [True] * batch
-    if _return_state:
-        yield {"prompts": prompt_ids, "active_at_step": lambda: max(1, sum(active))}
-
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(plan.seed) if plan.seed is not None else None
     history = [list(p) for p in prompt_ids]  # for the repetition penalty
     decoded = [""] * batch
     new_counts = [0] * batch
-    cache = KVCache(config, batch, max_len, device=device, dtype=dtype)
+    cache = KVCache(model.config, batch, plan.max_len, device=device, dtype=dtype)
     lengths = torch.tensor([len(p) for p in prompt_ids])
     tokens = torch.tensor([t for p in prompt_ids for t in p], device=device)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for _ in range(plan.max_new_tokens):
             cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
             cu_seqlens[1:] = lengths.cumsum(0)
             with torch.inference_mode():
                 logits = model(tokens, cu_seqlens=cu_seqlens.to(device), kv_cache=cache,
                                logits_to_keep="last").logits.float()
                 rows = [b for b in range(batch) if active[b]]
-                next_tokens = _choose(logits, [history[b] for b in rows], do_sample, temperature, top_k, top_p,
-                                      repetition_penalty, generator).tolist()
+                next_tokens = _choose(logits, [history[b] for b in rows], *plan.sampling, generator).tolist()
             for b, token in zip(rows, next_tokens):
                 history[b].append(token)
                 new_counts[b] += 1
                 reason = None
                 text = None
-                if token in eos_ids:
+                if token in plan.eos_ids:
                     reason = "eos"
                 if tokenizer is not None:
                     full = tokenizer.decode(history[b][len(prompt_ids[b]):])
                     if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for more
                         full = decoded[b]
-                    if stop_strings and reason is None:
-                        cut = _stop_index(full, stop_strings)
+                    if plan.stop_strings and reason is None:
+                        cut = _stop_index(full, plan.stop_strings)
                         if cut is not None:
                             full, reason = full[:cut], "stop_string"
                     text = full[len(decoded[b]):] if full.startswith(decoded[b]) else full
                     decoded[b] = full
-                if reason is None and new_counts[b] >= max_new_tokens:
+                if reason is None and new_counts[b] >= plan.max_new_tokens:
                     reason = "length"
                 if reason is not None:
                     active[b] = False
                 yield TokenEvent(index=b, token_id=token, text=text, finish_reason=reason)
+            if on_step is not None:
+                on_step()
             if not any(active):
                 break
             lengths = torch.tensor([1 if active[b] else 0 for b in range(batch)])

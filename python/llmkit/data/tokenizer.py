@@ -148,6 +148,8 @@ class Tokenizer:
         """Encode a str or a list of str into padded tensors: input_ids and
         attention_mask (batch, longest), truncated to max_length if given."""
         batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            raise ValueError("no texts to encode")
         ids = self.encode_batch(batch, add_special_tokens)
         if max_length is not None:
             ids = [seq[:max_length] for seq in ids]

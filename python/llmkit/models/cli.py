@@ -101,7 +101,8 @@ def _generate(args) -> int:
     last_index = None
     for event in stream(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, stop_strings=args.stop or None, seed=args.seed):
+                        repetition_penalty=args.repetition_penalty, stop_strings=args.stop or None, seed=args.seed,
+                        eos_token_id=[] if args.ignore_eos else None):
         count += 1
         if len(prompts) == 1:  # one prompt: print the text as it comes
             print(event.text if tokenizer is not None else f"{event.token_id} ", end="", flush=True)
@@ -136,6 +137,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true", help="always make --max-new-tokens tokens")
 
 
 def run_models(args) -> int:

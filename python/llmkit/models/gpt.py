@@ -458,6 +458,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             if cu_seqlens is None:
                 raise ValueError("with kv_cache, pass the new tokens packed: input_ids (total,) and cu_seqlens")
+            if labels is not None or attention_mask is not None:
+                raise ValueError("kv_cache is for inference: labels and attention_mask are not taken with it")
             new_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
             if new_lengths.numel() != kv_cache.batch or int(cu_seqlens[-1]) != input_ids.shape[0] \
                     or (new_lengths < 0).any():
@@ -584,7 +586,7 @@ class GPT(nn.Module):
                 cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
                 q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             keys, values = cache.store(i, k, v, layout.write_index)
-            y, _ = flash_forward(q.contiguous(), keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k,
+            y, _ = flash_forward(q, keys, values, layout.cu_seqlens_q, layout.cu_seqlens_k,
                                  layout.max_seqlen_q, layout.max_seqlen_k, attn.head_dim ** -0.5,
                                  attn.window[0], 0, None)
             x = x + decode_linear(y.view(*lead, attn.q_size), attn.c_proj.weight, attn.c_proj.bias)
