@@ -1,4 +1,5 @@
-"""llmkit.data: data the library ships and, later, corpus tooling for pretraining.
+"""llmkit.data: data the library ships and corpus tooling for pretraining
+(documents, tokenizer training, tokenized shards).
 
 :data:`ENGLISH_CORPUS` is a 5.5 M-word English corpus (public domain and
 CC-BY; sources and licenses in ``data/corpus/SOURCES.md``), xz-compressed, so
@@ -78,5 +79,12 @@ def extract_english_corpus(path: str | Path) -> Path:
     return path
 
 
+# Pretraining corpora (imported last: sources.py reads ENGLISH_CORPUS from here).
+from .sources import ENGLISH_CORPUS_DOCUMENTS, iter_documents  # noqa: E402
+from .tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from .shards import TokenizedCorpus, TokenShards, prepare_corpus, tokenize_corpus  # noqa: E402
+
 __all__ = ["ENGLISH_CORPUS", "ENGLISH_CORPUS_WORDS", "english_corpus_lines", "extract_english_corpus",
-           "tokenize_words", "english_corpus_sentences", "write_english_corpus_tokens"]
+           "tokenize_words", "english_corpus_sentences", "write_english_corpus_tokens",
+           "ENGLISH_CORPUS_DOCUMENTS", "iter_documents", "Tokenizer", "train_tokenizer",
+           "TokenShards", "TokenizedCorpus", "tokenize_corpus", "prepare_corpus"]

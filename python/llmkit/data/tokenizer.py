@@ -173,3 +173,131 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens})"
+
+
+# ------------------------------------------------------------------ training --
+# Default special tokens per kind, in id order (ids 0..4): RoBERTa's for
+# byte-level BPE, BERT's for WordPiece (same roles as the pretrained models'
+# tokenizers, so the models' configs and the objectives find them by role).
+DEFAULT_SPECIAL_TOKENS = {
+    "bpe": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+            "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"},
+    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                  "mask_token": "[MASK]"},
+}
+_BYTE_ALPHABET = 256  # byte-level BPE always holds every byte's symbol
+
+
+def sentinel_tokens(n: int) -> list[str]:
+    """T5's span-corruption sentinels ``<extra_id_0>`` .. ``<extra_id_{n-1}>``."""
+    return [f"<extra_id_{i}>" for i in range(n)]
+
+
+def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", special_tokens: dict | None = None,
+                    *, sentinels: int = 0, min_frequency: int = 2, lowercase: bool | None = None,
+                    progress: bool = True, max_documents: int | None = None) -> Tokenizer:
+    """Train a tokenizer on the documents of `source` (see
+    :func:`llmkit.data.iter_documents`; None = the shipped English corpus).
+
+    Args:
+        vocab_size: the final vocabulary size, special tokens and sentinels
+            included (smaller when the corpus has too few merges).
+        kind: "bpe" (byte-level, GPT-2/RoBERTa: never an unknown token) or
+            "wordpiece" (BERT: BertNormalizer, lowercase by default).
+        special_tokens: role -> token (roles of :data:`SPECIAL_TOKEN_NAMES`),
+            ids given in this order from 0; None = the kind's defaults
+            (bpe: ``<s> <pad> </s> <unk> <mask>``, bos=cls=<s>, eos=sep=</s>;
+            wordpiece: ``[PAD] [UNK] [CLS] [SEP] [MASK]``).
+        sentinels: add ``<extra_id_0>`` .. ``<extra_id_{n-1}>`` as special
+            tokens at the top of the vocabulary, ``<extra_id_0>`` highest (T5).
+        min_frequency: a merge / word piece must occur this often.
+        lowercase: None = True for wordpiece, False for bpe.
+        progress: the `tokenizers` trainer's progress bars.
+        max_documents: train on the first documents only.
+
+    Encoding with ``add_special_tokens=True`` wraps text as ``<s> A </s>``
+    (bpe, RoBERTa's pair form ``<s> A </s></s> B </s>``) or
+    ``[CLS] A [SEP] (B [SEP])`` (wordpiece); corpora are tokenized without.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    from .sources import document_count_hint, iter_documents
+
+    if kind not in DEFAULT_SPECIAL_TOKENS:
+        raise ValueError(f"kind must be one of {sorted(DEFAULT_SPECIAL_TOKENS)}, got {kind!r}")
+    roles = dict(DEFAULT_SPECIAL_TOKENS[kind] if special_tokens is None else special_tokens)
+    for name, token in roles.items():
+        if name not in SPECIAL_TOKEN_NAMES:
+            raise ValueError(f"unknown special token role {name!r}; expected one of {SPECIAL_TOKEN_NAMES}")
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"special token {name} must be a non-empty string, got {token!r}")
+    if not isinstance(sentinels, int) or isinstance(sentinels, bool) or sentinels < 0:
+        raise ValueError(f"sentinels must be an int >= 0, got {sentinels!r}")
+    extra = sentinel_tokens(sentinels)
+    clash = set(extra) & set(roles.values())
+    if clash:
+        raise ValueError(f"special tokens {sorted(clash)} clash with the sentinels")
+    ordered = list(dict.fromkeys(roles.values()))  # unique, in the order given: ids 0, 1, ...
+    if kind == "wordpiece" and "unk_token" not in roles:
+        raise ValueError("a wordpiece tokenizer needs an unk_token (for characters outside its alphabet)")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+    floor = len(ordered) + len(extra) + (_BYTE_ALPHABET if kind == "bpe" else 1)
+    if vocab_size < floor:
+        what = f"{len(ordered)} special tokens + {len(extra)} sentinels + " + (
+            f"the {_BYTE_ALPHABET}-symbol byte alphabet" if kind == "bpe" else "at least one piece")
+        raise ValueError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer: it needs at least "
+                         f"{floor} ({what})")
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+    if lowercase is None:
+        lowercase = kind == "wordpiece"
+
+    documents = iter_documents(source, max_documents=max_documents)  # checks the path now
+    train_size = vocab_size - len(extra)  # the sentinels are added after training
+    if kind == "bpe":
+        backend = Backend(models.BPE())
+        if lowercase:
+            backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=train_size, min_frequency=min_frequency,
+                                      special_tokens=ordered, show_progress=progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        backend = Backend(models.WordPiece(unk_token=roles["unk_token"]))
+        backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                        strip_accents=None, lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=train_size, min_frequency=min_frequency,
+                                            special_tokens=ordered, show_progress=progress,
+                                            continuing_subword_prefix="##")
+    backend.train_from_iterator(documents, trainer, length=document_count_hint(source, max_documents))
+    if extra:
+        backend.add_special_tokens(extra[::-1])  # <extra_id_0> gets the highest id, as in T5
+    backend.post_processor = _post_processor(kind, roles, backend)
+    return Tokenizer(backend, **roles)
+
+
+def _post_processor(kind: str, roles: dict, backend):
+    """What add_special_tokens=True adds: RoBERTa's <s> A </s> for bpe, BERT's
+    [CLS] A [SEP] for wordpiece; with custom roles, whichever of start
+    (cls/bos) and end (sep/eos) tokens exist."""
+    from tokenizers import processors
+
+    start = roles.get("cls_token") or roles.get("bos_token")
+    end = roles.get("sep_token") or roles.get("eos_token")
+    if kind == "bpe" and start and end:
+        return processors.RobertaProcessing((end, backend.token_to_id(end)),  # (sep, cls)
+                                            (start, backend.token_to_id(start)),
+                                            trim_offsets=True, add_prefix_space=False)
+    if not start and not end:
+        return processors.ByteLevel(trim_offsets=True) if kind == "bpe" else None
+    head = f"{start} " if start else ""
+    single = f"{head}$A" + (f" {end}" if end else "")
+    pair = single + " $B:1" + (f" {end}:1" if end else "")
+    used = [t for t in (start, end) if t]
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[(t, backend.token_to_id(t)) for t in used])
