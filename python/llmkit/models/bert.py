@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..ops.attention import flash_attention_varlen
@@ -336,6 +337,19 @@ class _HFModel(nn.Module):
     def _body(self) -> "BERT":
         return self  # the encoder (heads override)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each encoder block's activations in the backward pass
+        instead of keeping them (transformers' name): less memory for one more
+        forward, in training forwards with grad enabled. A head model turns
+        it on for its encoder. ``gradient_checkpointing_kwargs`` go to
+        torch.utils.checkpoint.checkpoint (default use_reentrant=False)."""
+        body = self._body()
+        body._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        body.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._body().gradient_checkpointing = False
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self._body().word_embeddings
 
@@ -456,6 +470,8 @@ class BERT(_HFModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(Block(config, self._attention(config, i)) for i in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self.gradient_checkpointing = False
+        self._checkpoint_kwargs = {"use_reentrant": False}
         _init_weights(self, config.initializer_range)
 
     def _attention(self, config, layer: int) -> nn.Module:
@@ -559,8 +575,12 @@ class BERT(_HFModel):
                                                         cu_seqlens, max_seqlen)
         self._prepare_attention(batch, input_ids, attention_mask, **attention_inputs)
         x = self.embed(ids, types, positions)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, batch)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(layer, x, batch, **self._checkpoint_kwargs)
+            else:
+                x = layer(x, batch)
         return x, batch
 
     def _prepare_attention(self, batch: PackedBatch, input_ids, attention_mask, **attention_inputs) -> None:
@@ -594,6 +614,15 @@ class _Head(_HFModel):
 
     def _body(self) -> BERT:
         return self.encoder
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The encoder's setting: a head has no blocks of its own."""
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.encoder.gradient_checkpointing = bool(value)
 
     def _hf_names(self) -> dict[str, str]:
         names = self._encoder_hf_names("encoder.")

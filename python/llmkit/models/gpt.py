@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..nn.loss import linear_cross_entropy
@@ -398,6 +399,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.gradient_checkpointing = False
+        self._checkpoint_kwargs = {"use_reentrant": False}
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections: std 0.02 / sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -416,6 +419,18 @@ class GPT(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT":
         return cls(GPTConfig.preset(name, **overrides))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block's activations in the backward pass instead of
+        keeping them (transformers' name): less memory for one more forward.
+        Applies to training forwards with grad enabled; cached decoding is
+        untouched. ``gradient_checkpointing_kwargs`` go to
+        torch.utils.checkpoint.checkpoint (default use_reentrant=False)."""
+        self._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
         n = count_parameters(self)
@@ -513,6 +528,9 @@ class GPT(nn.Module):
             x = F.dropout(x, config.dropout)
         if kv_cache is not None and not torch.is_grad_enabled() and self._plain_modules():
             x = self._decode_blocks(x, rope, layout, kv_cache)
+        elif self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+            for block in self.transformer.h:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, layout, None, **self._checkpoint_kwargs)
         else:
             for block in self.transformer.h:
                 x = block(x, rope, layout, kv_cache)

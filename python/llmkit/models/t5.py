@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..ops import flash_attention
@@ -278,6 +279,11 @@ class DecoderBlock(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x))), (k, v)
 
 
+def _decoder_block_output(block: DecoderBlock, x, self_bias, cross_kv, cross_bias):
+    """A decoder block's hidden states only (no cache to fill): what a checkpointed training forward keeps."""
+    return block(x, self_bias, cross_kv, cross_bias)[0]
+
+
 class DecoderCache:
     """What incremental decoding keeps: each layer's self-attention K/V so far,
     the cross-attention K/V of the encoder output (computed once) and its
@@ -308,6 +314,8 @@ class T5(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size,
                                                                          bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.gradient_checkpointing = False
+        self._checkpoint_kwargs = {"use_reentrant": False}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -340,6 +348,21 @@ class T5(nn.Module):
 
     def num_parameters(self) -> int:
         return count_parameters(self)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each encoder and decoder block's activations in the
+        backward pass instead of keeping them (transformers' name): less memory
+        for one more forward, in training forwards with grad enabled; cached
+        decoding is untouched. ``gradient_checkpointing_kwargs`` go to
+        torch.utils.checkpoint.checkpoint (default use_reentrant=False)."""
+        self._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     # ------------------------------------------------------------ checks --
 
@@ -379,8 +402,12 @@ class T5(nn.Module):
         pad = padding_bias(attention_mask, bias.dtype)
         if pad is not None:
             bias = bias + pad
+        checkpointed = self._checkpointing()
         for block in self.encoder:
-            x = block(x, bias)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, bias, **self._checkpoint_kwargs)
+            else:
+                x = block(x, bias)
         return self.dropout(self.encoder_norm(x))
 
     def decode(self, decoder_input_ids, encoder_hidden, attention_mask=None, decoder_attention_mask=None,
@@ -406,6 +433,11 @@ class T5(nn.Module):
             cross_kv, cross_bias = cache.cross_kv, cache.cross_bias
         if cross_bias is not None:
             cross_bias = cross_bias.expand(-1, -1, tgt_len, -1)
+        if cache is None and self._checkpointing():
+            for i, block in enumerate(self.decoder):
+                x = torch.utils.checkpoint.checkpoint(_decoder_block_output, block, x, self_bias, cross_kv[i],
+                                                      cross_bias, **self._checkpoint_kwargs)
+            return self.dropout(self.decoder_norm(x))
         for i, block in enumerate(self.decoder):
             past_kv = None if cache is None else cache.self_kv[i]
             x, kv = block(x, self_bias, cross_kv[i], cross_bias, past_kv)
