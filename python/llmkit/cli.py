@@ -10,6 +10,7 @@
     llmkit embeddings bias VECTORS
     llmkit models list | info DIR         model presets, Hugging Face checkpoints
     llmkit generate MODEL_DIR PROMPT ...  text generation (streamed)
+    llmkit pretrain --model PRESET [--objective clm|mlm|span] [--data PATH] [--steps N] ...
 """
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def _generate(args: argparse.Namespace) -> int:
     return cli.run_generate(args)
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from llmkit.train import cli
+
+    return cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.bench import add_arguments
 
@@ -104,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text from a checkpoint directory, streamed")
     models_cli.add_generate_arguments(generate)
     generate.set_defaults(handler=_generate)
+    from llmkit.train.cli import add_arguments as add_pretrain_arguments
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a model preset (CLM / MLM / span corruption); "
+                                                    "works under torchrun")
+    add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(handler=_pretrain)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""`llmkit pretrain`: flags or a TOML / JSON config file (flags win).
+
+    llmkit pretrain --model gpt-tiny --objective clm --steps 300
+    llmkit pretrain --model bert-tiny --objective mlm --data corpus/ --whole-word-masking
+    llmkit pretrain --config run.toml --resume
+    torchrun --nproc_per_node 2 -m llmkit pretrain --model gpt-tiny --distributed ddp ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import TrainConfig, read_config_file
+
+# Options of the run itself (not TrainConfig fields), with their config-file keys.
+_RUN_OPTIONS = ("model", "objective", "data", "tokenizer", "vocab_size", "max_documents", "mlm_probability",
+                "whole_word_masking", "masking", "nsp", "noise_density", "mean_span_length", "threads", "sample",
+                "max_new_tokens", "model_config")
+_SKIP = {"extra", "betas"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", help="TOML or JSON file of options (keys as the flags, with _ or -)")
+    run.add_argument("--model", help="model preset (llmkit models list): gpt-*, llama-tiny, bert-*, roberta-*, t5-*")
+    run.add_argument("--objective", choices=("clm", "mlm", "span"), help="default: the model family's")
+    run.add_argument("--data", help="text file, folder, JSONL ({'text': ...}) or prepared corpus directory "
+                                    "(default: the shipped English corpus)")
+    run.add_argument("--tokenizer", help="tokenizer.json or its directory (default: train one on the data, cached)")
+    run.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (default: the preset's)")
+    run.add_argument("--max-documents", type=int, help="use only the first N documents of the data")
+    run.add_argument("--model-config", action="append", metavar="KEY=VALUE",
+                     help="override a field of the preset's config (JSON value), e.g. n_layer=4, "
+                          "hidden_dropout_prob=0; repeatable")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--sample", action="append", metavar="PROMPT",
+                     help="after training, complete PROMPT (clm / span) or fill its [MASK]s (mlm); repeatable")
+    run.add_argument("--max-new-tokens", type=int, default=None)
+    obj = parser.add_argument_group("objective")
+    obj.add_argument("--mlm-probability", type=float, help="MLM: fraction of tokens selected (0.15)")
+    obj.add_argument("--whole-word-masking", action="store_true", default=None)
+    obj.add_argument("--masking", choices=("static", "dynamic"), help="MLM / span: masks fixed per sequence "
+                                                                      "(BERT) or new each epoch (RoBERTa, default)")
+    obj.add_argument("--nsp", action="store_true", default=None, help="MLM: add next-sentence prediction (BERT)")
+    obj.add_argument("--noise-density", type=float, help="span: fraction of tokens corrupted (0.15)")
+    obj.add_argument("--mean-span-length", type=float, help="span: mean corrupted span length (3)")
+    train = parser.add_argument_group("training (TrainConfig)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if hints[f.name] is bool:
+            if default:
+                train.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                   default=None)
+            else:
+                train.add_argument(flag, dest=f.name, action="store_true", default=None)
+            continue
+        kind = {int: int, float: float, str: str}.get(hints[f.name])
+        if kind is None:  # int | None, float | None
+            kind = float if "float" in str(hints[f.name]) else int
+        train.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default {default}")
+    train.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"))
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
+    """(run options, TrainConfig) from the config file overlaid with the flags given."""
+    values = read_config_file(args.config) if args.config else {}
+    train_names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - train_names - set(_RUN_OPTIONS))
+    if unknown:
+        raise ValueError(f"{args.config}: unknown options {unknown}")
+    for name in list(train_names) + list(_RUN_OPTIONS):
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    run = {name: values.pop(name) for name in _RUN_OPTIONS if name in values}
+    if "model" not in run:
+        raise ValueError("--model is required (a preset: see `llmkit models list`)")
+    return run, TrainConfig.from_dict(values)
+
+
+def _samples(outcome: dict, run: dict, objective: str) -> None:
+    prompts = run.get("sample") or []
+    if not prompts or outcome["trainer"].dist.rank != 0:
+        return
+    from .samples import fill_masks, complete
+
+    trainer, tokenizer = outcome["trainer"], outcome["tokenizer"]
+    for prompt in prompts:
+        if objective == "mlm":
+            print(f"  {prompt!r} -> {fill_masks(trainer.model, tokenizer, prompt)!r}")
+        else:
+            print(f"  {prompt!r} -> {complete(trainer.model, tokenizer, prompt, run.get('max_new_tokens') or 24)!r}")
+
+
+def _model_overrides(items) -> dict:
+    """["n_layer=4", "dropout=0.0"] (flags) or a table (config file) -> {field: value}."""
+    import json
+
+    if isinstance(items, dict):
+        return dict(items)
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-config takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value  # a bare string (e.g. position=rope)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"llmkit pretrain: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from .pipeline import FAMILY_OBJECTIVE, model_family, pretrain
+
+    run_options, config = options_from_args(args)
+    if run_options.get("threads"):
+        torch.set_num_threads(int(run_options["threads"]))
+    family = model_family(run_options["model"])
+    objective = run_options.get("objective") or FAMILY_OBJECTIVE[family]
+    objective_options = {}
+    for key, option in (("mlm_probability", "mlm_probability"), ("whole_word_masking", "whole_word"),
+                        ("masking", "masking"), ("nsp", "nsp"), ("noise_density", "noise_density"),
+                        ("mean_span_length", "mean_noise_span_length")):
+        if run_options.get(key) is not None:
+            objective_options[option] = run_options[key]
+    outcome = pretrain(run_options["model"], objective, run_options.get("data"), config,
+                       model_overrides=_model_overrides(run_options.get("model_config")),
+                       tokenizer=run_options.get("tokenizer"), vocab_size=run_options.get("vocab_size"),
+                       objective_options=objective_options, max_documents=run_options.get("max_documents"),
+                       resume=args.resume)
+    trainer = outcome["trainer"]
+    if trainer.dist.is_main:
+        result = outcome["result"]
+        val = result.get("val") or {}
+        train = result.get("train") or {}
+        print(f"llmkit pretrain: {trainer.step} steps; train loss {train.get('loss', float('nan')):.4f}"
+              + (f", validation loss {val['loss']:.4f}" if "loss" in val else "")
+              + (f" (perplexity {val['ppl']:.2f})" if "ppl" in val else "")
+              + (f", MLM accuracy {val['accuracy_mlm']:.3f}" if "accuracy_mlm" in val else ""))
+        out = Path(config.out_dir)
+        print(f"  metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}, "
+              f"checkpoints {out / 'checkpoints'}, model {outcome['model_dir']}")
+    _samples(outcome, run_options, objective)
+    from . import distributed
+
+    distributed.teardown(trainer.dist)
+    return 0
