@@ -323,3 +323,74 @@ def test_cli_bad_input_gives_clear_errors(tmp_path):
     assert "vocab" in fails("--model", "bert-tiny", "--data", str(text), "--vocab-size", "3")
     assert "unknown model preset" in fails("--model", "gpt-7", "--data", str(text))
     assert "objective 'mlm'" in fails("--model", "gpt-tiny", "--objective", "mlm", "--data", str(text))
+
+
+# ------------------------------------------------- other families, options --
+def test_span_corruption_trains_t5_and_nsp_trains_bert_pretraining(tiny_text, tmp_path):
+    from llmkit.models.bert import BertForPreTraining
+    from llmkit.models.t5 import T5, T5Config
+
+    tok = train_tokenizer(tiny_text, vocab_size=420, kind="bpe", sentinels=20, progress=False)
+    corpus = tokenize_corpus(tiny_text, tok, tmp_path / "t5corpus", val_fraction=0.05, progress=False)
+    torch.manual_seed(0)
+    t5 = T5(T5Config.from_preset("t5-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+                            dropout_rate=0.0))
+    result = Trainer(t5, get_objective("span", tok), corpus.train, _config(tmp_path / "t5", steps=3, eval_every=3),
+                     eval_data=corpus.val).train()
+    assert set(result["train"]) >= {"loss_span", "ppl"} and math.isfinite(result["val"]["loss"])
+
+    wp = train_tokenizer(tiny_text, vocab_size=400, kind="wordpiece", progress=False)
+    corpus = tokenize_corpus(tiny_text, wp, tmp_path / "nspcorpus", val_fraction=0.05, progress=False)
+    bert = BertForPreTraining(BertConfig.from_preset("bert-tiny", vocab_size=wp.vocab_size, hidden_size=64,
+                                                     intermediate_size=128, max_position_embeddings=64))
+    result = Trainer(bert, get_objective("mlm", wp, nsp=True), corpus.train,
+                     _config(tmp_path / "nsp", steps=3, eval_every=3), eval_data=corpus.val).train()
+    train = result["train"]
+    assert train["loss"] == pytest.approx(train["loss_mlm"] + train["loss_nsp"])
+    assert 0 <= result["val"]["accuracy_nsp"] <= 1
+
+
+def test_checkpointing_and_bf16_options(gpt_corpus, tmp_path):
+    objective = get_objective("clm", gpt_corpus.tokenizer)
+    plain = Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train, _config(tmp_path / "a", steps=3)).train()
+    recompute = Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train,
+                        _config(tmp_path / "b", steps=3, gradient_checkpointing=True))
+    assert recompute.model.gradient_checkpointing
+    recompute.train()
+    assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), rel=1e-5)
+    bf16 = Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train, _config(tmp_path / "c", steps=3, dtype="bf16"))
+    bf16.train()
+    assert _losses(tmp_path / "c") == pytest.approx(_losses(tmp_path / "a"), abs=0.05)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # autocast: fp32 master weights
+
+
+def test_cli_corpus_prepare_then_pretrain_reads_it(tiny_text, tmp_path):
+    env = dict(os.environ, LLMKIT_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "prepared"
+    proc = subprocess.run([sys.executable, "-m", "llmkit", "corpus", "prepare", str(tiny_text), "--out", str(out),
+                           "--kind", "wordpiece", "--vocab-size", "300", "--val-fraction", "0.05"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "llmkit", "corpus", "info", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert "train:" in proc.stdout and "[MASK]" in proc.stdout
+    _run_pretrain(["--model", "bert-tiny", "--data", str(out), "--steps", "2", "--batch-size", "4", "--seq-len",
+                   "32", "--out-dir", str(tmp_path / "run"), "--no-progress", "--sample", "the [MASK] sailed."], env)
+    assert not (tmp_path / "cache").exists()  # a prepared corpus is read as is
+
+
+def test_config_file_with_flags_overriding(tmp_path):
+    from llmkit.cli import build_parser
+    from llmkit.train.cli import options_from_args
+
+    config = tmp_path / "run.toml"
+    config.write_text('model = "gpt-tiny"\nsteps = 50\nlr = 3e-4\nbetas = [0.9, 0.98]\nmasking = "static"\n'
+                      'model_config = { n_layer = 3 }\n')
+    args = build_parser().parse_args(["pretrain", "--config", str(config), "--steps", "7", "--dtype", "bf16"])
+    run, train = options_from_args(args)
+    assert run["model"] == "gpt-tiny" and run["masking"] == "static" and run["model_config"] == {"n_layer": 3}
+    assert (train.steps, train.lr, train.betas, train.dtype) == (7, 3e-4, (0.9, 0.98), "bf16")
+    config.write_text('model = "gpt-tiny"\nstepz = 5\n')
+    with pytest.raises(ValueError, match="unknown options.*stepz"):
+        options_from_args(build_parser().parse_args(["pretrain", "--config", str(config)]))

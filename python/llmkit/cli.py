@@ -10,6 +10,7 @@
     llmkit embeddings bias VECTORS
     llmkit models list | info DIR         model presets, Hugging Face checkpoints
     llmkit generate MODEL_DIR PROMPT ...  text generation (streamed)
+    llmkit corpus prepare [SOURCE] --out DIR   tokenizer + packed token shards
     llmkit pretrain --model PRESET [--objective clm|mlm|span] [--data PATH] [--steps N] ...
 """
 from __future__ import annotations
@@ -68,6 +69,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     return cli.run(args)
 
 
+def _corpus(args: argparse.Namespace) -> int:
+    from llmkit.train import cli
+
+    return cli.run_corpus(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkit.bench import add_arguments
 
@@ -117,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "works under torchrun")
     add_pretrain_arguments(pretrain)
     pretrain.set_defaults(handler=_pretrain)
+    from llmkit.train.cli import add_corpus_arguments
+
+    corpus = commands.add_parser("corpus", help="prepare a pretraining corpus: tokenizer and token shards")
+    add_corpus_arguments(corpus)
+    corpus.set_defaults(handler=_corpus)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`llmkit demo`: NF4 on real-sized layers, then attention, then quick benchmarks.
+"""`llmkit demo`: NF4, attention, LoRA, word2vec, transformer models, pretraining; quick benchmarks.
 
 For each layer: quantize the weight with llmkit's NF4 (blocksize 64, double
 quant), dequantize it, and report the weight error, the bits per parameter
@@ -22,6 +22,12 @@ Transformer models: GPT-2 and Llama checkpoints (random weights, built from
 transformers configs) in llmkit's GPT with their logits, a to_hf round trip
 and greedy generation compared with transformers; RoBERTa, T5 and
 Longformer logits likewise; then `llmkit bench models --quick`.
+
+Pretraining: a small GPT (causal LM) and a small BERT (masked LM, whole
+words) trained from scratch on the first 20,000 documents of the shipped
+corpus with `llmkit.train` (tokenizers trained on the same text, cached),
+their validation loss / perplexity / MLM accuracy, loss-curve PNGs, greedy
+completions and filled masks.
 """
 from __future__ import annotations
 
@@ -440,6 +446,68 @@ def _encoder_models(transformers) -> list[str]:
     return lines
 
 
+DEMO_PROMPTS = ["It is a truth universally acknowledged", "The President", "Call me"]
+DEMO_MASKED = ["the ship sailed across the [MASK].", "she was the [MASK] of the family.",
+               "the capital of france is [MASK]."]
+
+
+def pretraining(documents: int = 20_000) -> list[str]:
+    """Pretrain a small GPT and a small BERT on the shipped corpus; loss curves and samples."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from llmkit.bench.harness import default_out_dir
+    from llmkit.train import TrainConfig
+    from llmkit.train.pipeline import pretrain
+    from llmkit.train.samples import complete, mask_candidates
+
+    lines = [f"Pretraining from scratch on the shipped corpus (first {documents:,} documents; tokenizers "
+             "trained on them, cached under ~/.cache/llmkit):"]
+    out_dir = default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [
+        ("GPT, causal LM", "gpt-tiny", dict(n_layer=4, n_head=4, n_embd=128, block_size=128), {},
+         dict(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30)),
+        ("BERT, masked LM (whole words)", "bert-tiny", dict(max_position_embeddings=128), {"whole_word": True},
+         dict(steps=500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30)),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, preset, overrides, objective_options, train in runs:
+            print(f"pretraining {label} ({preset}) ...", file=sys.stderr)
+            config = TrainConfig(out_dir=str(Path(tmp) / preset), eval_every=125, eval_samples=128, seed=0,
+                                 weight_decay=0.1, **train)
+            outcome = pretrain(preset, None, None, config, vocab_size=4096, model_overrides=overrides,
+                               objective_options=objective_options, max_documents=documents, export=False)
+            trainer, tokenizer = outcome["trainer"], outcome["tokenizer"]
+            records = [r for r in trainer.metrics.records() if r["split"] == "train"]
+            seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+            val = outcome["result"]["val"]
+            plot = out_dir / f"demo-pretrain-{trainer.objective.name}-loss.png"
+            shutil.copyfile(Path(tmp) / preset / "loss.png", plot)
+            lines.append(f"  {label}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {config.steps} steps x "
+                         f"{config.batch_size} x {config.seq_len} tokens in {seconds:.0f} s "
+                         f"({sum(r['tokens'] for r in records) / seconds:,.0f} tokens/s)")
+            lines.append(f"    training loss {records[0]['loss']:.2f} -> {records[-1]['loss']:.2f}; validation loss "
+                         f"{val['loss']:.3f}, perplexity {val['ppl']:.1f}"
+                         + (f", MLM accuracy {100 * val['accuracy_mlm']:.1f}%" if "accuracy_mlm" in val else "")
+                         + f"; loss curve {plot}")
+            if trainer.objective.name == "clm":
+                lines.append("    samples (temperature 0.8, top-k 40):")
+                for i, prompt in enumerate(DEMO_PROMPTS):
+                    text = complete(trainer.model, tokenizer, prompt, 20, do_sample=True, temperature=0.8, top_k=40,
+                                    seed=i)
+                    lines.append(f"      {text!r}")
+            else:
+                lines.append("    top-3 guesses for [MASK]:")
+                for text in DEMO_MASKED:
+                    guesses = mask_candidates(trainer.model, tokenizer, text, 3)
+                    lines.append(f"      {text:40s} " + "; ".join(", ".join(g) for g in guesses))
+    lines.append("  (`llmkit pretrain --model PRESET` trains any preset on any text; `llmkit bench pretrain` "
+                 "compares with transformers' Trainer)")
+    return lines
+
+
 def main() -> int:
     try:
         from llmkit import ops  # noqa: F401
@@ -487,7 +555,9 @@ def main() -> int:
     print("Models benchmark (quick: gpt-tiny; `llmkit bench models` runs the 6-layer 384-wide GPT):\n")
     result = run_benchmark(registered()["models"], make_options(quick=True))
     print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved)")
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
+
+    print("\n".join(pretraining()))
     return 0
 
 

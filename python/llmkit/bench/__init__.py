@@ -17,7 +17,7 @@ __all__ = ["Benchmark", "Case", "Contender", "RunOptions", "register", "register
            "make_options", "add_arguments", "run_from_args", "main"]
 
 # Modules that define benchmarks; imported lazily so `import llmkit.bench` stays cheap.
-BENCHMARK_MODULES = ("nf4", "attention", "lora", "word2vec", "models")
+BENCHMARK_MODULES = ("nf4", "attention", "lora", "word2vec", "models", "pretrain")
 
 _REGISTRY: dict[str, Benchmark] = {}
 

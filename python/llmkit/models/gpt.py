@@ -104,6 +104,8 @@ class GPTConfig:
             raise ValueError(f"unknown GPT preset {name!r}; choose from {sorted(GPT_PRESETS)}")
         return cls(**{**GPT_PRESETS[name], **overrides})
 
+    from_preset = preset  # the name BertConfig and T5Config use
+
     # ---------------------------------------------------- Hugging Face --
     @classmethod
     def from_hf_config(cls, hf: dict) -> "GPTConfig":

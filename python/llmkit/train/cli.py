@@ -164,3 +164,49 @@ def _run(args) -> int:
 
     distributed.teardown(trainer.dist)
     return 0
+
+
+# ------------------------------------------------------- llmkit corpus --
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prepare = actions.add_parser("prepare", help="train a tokenizer (or take one) and tokenize text into shards")
+    prepare.add_argument("source", nargs="?", default=None,
+                         help="text file, folder or JSONL (default: the shipped English corpus)")
+    prepare.add_argument("--out", required=True, help="output directory (llmkit pretrain --data reads it)")
+    prepare.add_argument("--tokenizer", help="tokenizer.json or its directory (default: train one)")
+    prepare.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
+    prepare.add_argument("--vocab-size", type=int, default=8192)
+    prepare.add_argument("--sentinels", type=int, default=0, help="<extra_id_N> tokens for span corruption")
+    prepare.add_argument("--val-fraction", type=float, default=0.005)
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--max-documents", type=int, default=None)
+    prepare.add_argument("--overwrite", action="store_true")
+    info = actions.add_parser("info", help="describe a prepared corpus")
+    info.add_argument("path")
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from llmkit.data import TokenizedCorpus, tokenize_corpus, train_tokenizer
+    from llmkit.data.tokenizer import Tokenizer
+
+    try:
+        if args.action == "info":
+            corpus = TokenizedCorpus.open(args.path)
+            print(corpus)
+            for name, split in (("train", corpus.train), ("val", corpus.val)):
+                print(f"  {name}: {split.n_tokens:,} tokens in {split.n_docs:,} documents")
+            print(f"  tokenizer: vocabulary {corpus.tokenizer.vocab_size:,}, special {corpus.tokenizer.special_tokens}")
+            return 0
+        if args.tokenizer:
+            tokenizer = Tokenizer.from_file(args.tokenizer)
+        else:
+            tokenizer = train_tokenizer(args.source, vocab_size=args.vocab_size, kind=args.kind,
+                                        sentinels=args.sentinels, max_documents=args.max_documents)
+        corpus = tokenize_corpus(args.source, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                                 max_documents=args.max_documents, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"llmkit corpus: {err}", file=sys.stderr)
+        return 2
+    print(f"llmkit corpus: {corpus.path}: train {corpus.train.n_tokens:,} tokens / {corpus.train.n_docs:,} documents, "
+          f"val {corpus.val.n_tokens:,} / {corpus.val.n_docs:,}; vocabulary {corpus.tokenizer.vocab_size:,}")
+    return 0

@@ -44,8 +44,7 @@ def _preset_config(family: str, preset: str, **overrides):
     from llmkit.models.t5 import T5Config
 
     config_class = {"gpt": GPTConfig, "bert": BertConfig, "t5": T5Config}[family]
-    make = getattr(config_class, "preset", None) or config_class.from_preset  # BertConfig names it from_preset
-    return make(preset, **overrides)
+    return config_class.from_preset(preset, **overrides)
 
 
 def default_tokenizer_spec(family: str, preset: str, vocab_size: int | None) -> dict:
@@ -160,7 +159,15 @@ def pretrain(model: str, objective: str | None = None, data=None, config: TrainC
                          f"{model!r} is a {family} preset (its objective is {FAMILY_OBJECTIVE[family]!r})")
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"no data at {data}")
-    progress = config.progress
+    from . import distributed
+    from .trainer import resolve_device
+
+    # Under torchrun, rank 0 trains the tokenizer and tokenizes the corpus into
+    # the cache while the other ranks wait; then they read what it wrote.
+    dist_state = distributed.setup(config.distributed, resolve_device(config.device))
+    if not dist_state.is_main:
+        distributed.barrier(dist_state)
+    progress = config.progress and dist_state.is_main
     if data is not None and (Path(data) / "meta.json").is_file():
         corpus = get_corpus(data, None)
         tok = corpus.tokenizer
@@ -168,6 +175,8 @@ def pretrain(model: str, objective: str | None = None, data=None, config: TrainC
         spec = default_tokenizer_spec(family, model, vocab_size)
         tok = get_tokenizer(data, spec, tokenizer, max_documents=max_documents, progress=progress)
         corpus = get_corpus(data, tok, max_documents=max_documents, progress=progress)
+    if dist_state.is_main:
+        distributed.barrier(dist_state)
     options = dict(objective_options or {})
     options.setdefault("seed", config.seed)
     obj = get_objective(objective, tok, **options)

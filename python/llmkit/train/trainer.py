@@ -199,6 +199,7 @@ class Trainer:
             torch.tensor([counts[k] for k in keys] + [tokens], dtype=torch.float64), self.dist)
         global_counts = dict(zip(keys, totals[:-1].tolist()))
         sums = torch.zeros(2 * len(keys), dtype=torch.float64)
+        scored: set[str] = set()  # terms that count correct predictions (MLM, NSP)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self._sync_context(last):
@@ -212,6 +213,7 @@ class Trainer:
                 sums[j] += float(terms[k].sum.detach())
                 if terms[k].correct is not None:
                     sums[len(keys) + j] += float(terms[k].correct)
+                    scored.add(k)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -224,19 +226,19 @@ class Trainer:
         self.step += 1
         sums = distributed.all_reduce_sum(sums, self.dist)
         record = {"split": "train", "step": self.step, "lr": lr, "tokens": int(totals[-1])}
-        record.update(self._losses(keys, sums, global_counts))
+        record.update(self._losses(keys, sums, global_counts, scored))
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
 
-    def _losses(self, keys, sums, counts) -> dict:
+    def _losses(self, keys, sums, counts, scored) -> dict:
         out = {}
         total = 0.0
         for j, k in enumerate(keys):
             if counts[k] > 0:
                 out[f"loss_{k}"] = float(sums[j]) / counts[k]
                 total += out[f"loss_{k}"]
-                if float(sums[len(keys) + j]) > 0 or k in ("mlm",):
+                if k in scored:
                     out[f"accuracy_{k}"] = float(sums[len(keys) + j]) / counts[k]
         out["loss"] = total
         token_key = next((k for k in keys if k != "nsp"), None)
@@ -260,6 +262,7 @@ class Trainer:
         module.eval()
         sums = None
         counts: dict[str, float] = {}
+        scored: set[str] = set()
         try:
             for start in range(0, len(mine), self.micro):
                 ids = mine[start:start + self.micro]
@@ -275,6 +278,7 @@ class Trainer:
                     sums[j] += float(terms[k].sum)
                     if terms[k].correct is not None:
                         sums[len(keys) + j] += float(terms[k].correct)
+                        scored.add(k)
         finally:
             module.train()
         keys = sorted(counts)
@@ -282,7 +286,7 @@ class Trainer:
             torch.cat([sums, torch.tensor([counts[k] for k in keys], dtype=torch.float64)]), self.dist)
         global_counts = dict(zip(keys, totals[2 * len(keys):].tolist()))
         record = {"split": "val", "step": self.step, "samples": n}
-        record.update(self._losses(keys, totals[:2 * len(keys)], global_counts))
+        record.update(self._losses(keys, totals[:2 * len(keys)], global_counts, scored))
         return record
 
     def train(self, resume: bool | str | Path = False) -> dict:
