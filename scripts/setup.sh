@@ -18,7 +18,7 @@ pip install -q "$TORCH_SPEC"
 # build tools (--no-build-isolation: the extension must see the installed torch),
 # runtime deps, and the references that tests and benchmarks compare against
 pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.22" \
-    numpy tqdm matplotlib safetensors tokenizers pytest "bitsandbytes==0.50.*" transformers peft "gensim==4.4.*"
+    numpy tqdm matplotlib safetensors tokenizers pytest "bitsandbytes==0.50.*" transformers accelerate peft "gensim==4.4.*"
 
 # A wrapper nvcc on PATH can confuse CMake's toolkit discovery: point at the toolkit.
 if [ -z "${CUDACXX:-}" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then

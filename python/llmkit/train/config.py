@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -103,8 +102,15 @@ def read_config_file(path) -> dict:
         raise FileNotFoundError(f"no config file at {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ValueError("TOML config files need Python 3.11 (tomllib); use a .json file") from None
+            values = tomllib.loads(text)
+    except ValueError as err:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
         raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {err}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a table of options")
