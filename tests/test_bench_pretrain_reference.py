@@ -135,3 +135,23 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"\(4, seq_len\)"):
         train_reference("bert", bert_config(), None, None, mlm_batches=[mlm_batch(0), mlm_batch(1, rows=3)],
                         mlm_val_batches=[mlm_batch(1)], **common)
+
+
+def test_pretrain_bench_report_writes_table_json_and_plot(tmp_path):
+    """The report of `llmkit bench pretrain` from a result dict (the runs themselves take minutes)."""
+    from llmkit.bench.harness import report_run_result
+    from llmkit.bench.pretrain import format_table, write_plot
+
+    contenders = [dict(contender="llmkit", tokens_per_s=1300.0, runs_tokens_per_s=[1300.0, 1250.0, 1400.0],
+                       train_seconds=300.0, val_loss=5.90, train_losses=[9.0, 7.0, 6.0], n_params=123),
+                  dict(contender="transformers Trainer", tokens_per_s=1000.0, runs_tokens_per_s=[1000.0] * 3,
+                       train_seconds=400.0, val_loss=5.95, train_losses=[9.0, 7.2, 6.1], n_params=123)]
+    result = dict(created="2026-11-26T20:00:00", shape=dict(preset="gpt-tiny", vocab_size=512, steps=3,
+                                                            batch_size=2, seq_len=8),
+                  torch_threads=2, corpus=dict(val_blocks=4), contenders=contenders, wall_s=1.0,
+                  verdicts=["llmkit: 1.30x transformers' tokens/s (target >= 1.2x: met)"])
+    table = format_table(result)
+    assert "1.30x" in table and "1,250" in table and "5.9000" in table
+    written = report_run_result("pretrain", result, tmp_path, "Some Host", format_table, write_plot)
+    assert written["json"].name == "pretrain-some-host-20261126-200000.json"
+    assert written["png"].read_bytes()[:4] == b"\x89PNG"

@@ -565,6 +565,30 @@ def default_out_dir() -> Path:
     return (git_root(Path.cwd()) or Path.cwd()) / "bench" / "results"
 
 
+def file_label(name: str) -> str:
+    """A device or host name as a file-name part: lowercase alphanumerics and dashes."""
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "unknown"
+
+
+def report_run_result(name: str, result: dict, out_dir: Path, label: str,
+                      format_table: Callable[[dict], str], write_plot: Callable[[dict, Path], bool]) -> dict[str, Path]:
+    """For benchmarks that time whole runs (their own runner and result dict):
+    print the table, write <name>-<label>-<timestamp>.{json,txt,png}, say where."""
+    print(format_table(result))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.fromisoformat(result["created"]).strftime("%Y%m%d-%H%M%S")
+    stem = out_dir / f"{name}-{file_label(label)}-{stamp}"
+    written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
+    written["json"].write_text(json.dumps(result, indent=2) + "\n")
+    written["txt"].write_text(format_table(result))
+    if write_plot(result, stem.with_suffix(".png")):
+        written["png"] = stem.with_suffix(".png")
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    print(f"({name}: {result['wall_s']:.1f} s)\n")
+    return written
+
+
 def save_result(result: BenchResult, out_dir: Path) -> dict[str, Path]:
     """Write <name>-<device>-<timestamp>.{json,txt,png}; return what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ them), the first warmup step (transformers' has lr 0).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from . import register
-from .harness import Benchmark, RunOptions, machine_info
+from .harness import Benchmark, RunOptions, machine_info, report_run_result
 
 TARGET_SPEEDUP, MAX_LOSS_GAP = 1.2, 0.02
 FULL = dict(preset="gpt-6l-384", vocab_size=8192, seq_len=256, batch_size=16, steps=120, eval_samples=128)
@@ -192,25 +191,9 @@ def write_plot(result: dict, path: Path) -> bool:
     return True
 
 
-def save(result: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.fromisoformat(result["created"]).strftime("%Y%m%d-%H%M%S")
-    label = "".join(ch if ch.isalnum() else "-" for ch in result["machine"]["hostname"].lower()).strip("-") or "cpu"
-    stem = out_dir / f"pretrain-{label}-{stamp}"
-    written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
-    written["json"].write_text(json.dumps(result, indent=2) + "\n")
-    written["txt"].write_text(format_table(result))
-    if write_plot(result, stem.with_suffix(".png")):
-        written["png"] = stem.with_suffix(".png")
-    return written
-
-
 def run_and_report(opts: RunOptions, out_dir: Path) -> dict:
     result = run(opts, out_dir)
-    print(format_table(result))
-    for kind, path in save(result, out_dir).items():
-        print(f"wrote {kind}: {path}")
-    print(f"(pretrain: {result['wall_s']:.1f} s)\n")
+    report_run_result("pretrain", result, out_dir, result["machine"]["hostname"], format_table, write_plot)
     return result
 
 

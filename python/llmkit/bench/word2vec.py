@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import register
-from .harness import Benchmark, RunOptions, machine_info
+from .harness import Benchmark, RunOptions, machine_info, report_run_result
 
 HYPERPARAMETERS = dict(vector_size=100, window=5, min_count=5, sample=1e-3, negative=5, alpha=0.025,
                        min_alpha=1e-4, epochs=5, workers=2, sg=1, seed=1)
@@ -272,28 +272,12 @@ def write_plot(result: dict, path: Path) -> bool:
     return True
 
 
-def save(result: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.fromisoformat(result["created"]).strftime("%Y%m%d-%H%M%S")
-    gpus = result["machine"]["cuda_devices"] if any(c["device"] == "cuda" and c["runs"]
-                                                    for c in result["contenders"]) else []
-    label = gpus[0] if gpus else result["machine"]["hostname"]
-    label = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-") or "unknown"
-    stem = out_dir / f"word2vec-{label}-{stamp}"
-    written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
-    written["json"].write_text(json.dumps(result, indent=2) + "\n")
-    written["txt"].write_text(format_table(result))
-    if write_plot(result, stem.with_suffix(".png")):
-        written["png"] = stem.with_suffix(".png")
-    return written
-
-
 def run_and_report(opts: RunOptions, out_dir: Path) -> dict:
     result = run(opts, out_dir)
-    print(format_table(result))
-    for kind, path in save(result, out_dir).items():
-        print(f"wrote {kind}: {path}")
-    print(f"(word2vec: {result['wall_s']:.1f} s)\n")
+    gpus = result["machine"]["cuda_devices"] if any(c["device"] == "cuda" and c["runs"]
+                                                    for c in result["contenders"]) else []
+    report_run_result("word2vec", result, out_dir, gpus[0] if gpus else result["machine"]["hostname"],
+                      format_table, write_plot)
     return result
 
 

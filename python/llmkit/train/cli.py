@@ -93,11 +93,14 @@ def _samples(outcome: dict, run: dict, objective: str) -> None:
     from .samples import fill_masks, complete
 
     trainer, tokenizer = outcome["trainer"], outcome["tokenizer"]
+    model = trainer.model
+    if trainer.dist.mode == "fsdp":  # rank 0 holds only shards: sample from the exported full model
+        model = type(model).from_hf(outcome["model_dir"]).to(trainer.device)
     for prompt in prompts:
         if objective == "mlm":
-            print(f"  {prompt!r} -> {fill_masks(trainer.model, tokenizer, prompt)!r}")
+            print(f"  {prompt!r} -> {fill_masks(model, tokenizer, prompt)!r}")
         else:
-            print(f"  {prompt!r} -> {complete(trainer.model, tokenizer, prompt, run.get('max_new_tokens') or 24)!r}")
+            print(f"  {prompt!r} -> {complete(model, tokenizer, prompt, run.get('max_new_tokens') or 24)!r}")
 
 
 def _model_overrides(items) -> dict:
