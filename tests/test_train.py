@@ -394,3 +394,19 @@ def test_config_file_with_flags_overriding(tmp_path):
     config.write_text('model = "gpt-tiny"\nstepz = 5\n')
     with pytest.raises(ValueError, match="unknown options.*stepz"):
         options_from_args(build_parser().parse_args(["pretrain", "--config", str(config)]))
+
+
+def test_a_validation_split_too_small_for_the_objective_turns_evaluation_off(bert_corpus, tmp_path):
+    from llmkit.data import TokenShards
+    from llmkit.models.bert import BertForPreTraining
+
+    tiny_val = TokenShards.from_documents([bert_corpus.val.document(0)[:20]], bert_corpus.tokenizer.vocab_size)
+    torch.manual_seed(0)
+    bert = BertForPreTraining(BertConfig.from_preset("bert-tiny", vocab_size=bert_corpus.tokenizer.vocab_size,
+                                                     hidden_size=64, intermediate_size=128,
+                                                     max_position_embeddings=64))
+    with pytest.warns(UserWarning, match="no evaluation"):
+        trainer = Trainer(bert, get_objective("mlm", bert_corpus.tokenizer, nsp=True), bert_corpus.train,
+                          _config(tmp_path, steps=1, eval_every=1), eval_data=tiny_val)
+    result = trainer.train()
+    assert result["val"] is None and math.isfinite(result["train"]["loss"])

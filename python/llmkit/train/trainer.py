@@ -118,7 +118,12 @@ class Trainer:
         if len(self.train_examples) == 0:
             raise ValueError(f"the training data ({train_data.n_tokens} tokens) is too small for one "
                              f"{config.seq_len}-token sequence of the {objective.name} objective")
-        self.eval_examples = objective.examples(eval_data, config.seq_len) if eval_data is not None else None
+        self.eval_examples = None
+        if eval_data is not None:
+            try:
+                self.eval_examples = objective.examples(eval_data, config.seq_len)
+            except ValueError as err:  # a tiny corpus: its validation split is too small, not the run
+                warnings.warn(f"no evaluation: the validation split does not make one example ({err})")
         self.micro, self.accum = config.grad_accum(self.dist.world_size)
         self.order = SampleOrder(len(self.train_examples), config.seed)
 
