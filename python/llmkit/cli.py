@@ -2,7 +2,7 @@
 
     llmkit bench [NAME ...] [--quick] [--out DIR] [--repeats N] [--device D]
     llmkit info     build of llmkit (backends, torch, CUDA archs) as JSON
-    llmkit demo     NF4, QLoRA fine-tune, attention, word2vec, transformer models, quick benchmarks
+    llmkit demo     NF4, QLoRA fine-tune, attention, word2vec, transformer models, pretraining, quick benchmarks
     llmkit adapter info ADAPTER_DIR
     llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
     llmkit word2vec train|eval|bias ...   (see llmkit.embeddings.cli)
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print build_info() as JSON")
     info.set_defaults(handler=_info)
 
-    demo = commands.add_parser("demo", help="NF4 round trip, a QLoRA fine-tune, attention, word2vec, transformer models; quick benchmarks")
+    demo = commands.add_parser("demo", help="NF4 round trip, a QLoRA fine-tune, attention, word2vec, transformer models, GPT + BERT pretraining; quick benchmarks")
     demo.set_defaults(handler=_demo)
 
     from llmkit.adapt.cli import add_arguments as add_adapter_arguments
