@@ -40,10 +40,7 @@ def setup(mode: str, device: torch.device) -> DistState:
     """Join the torchrun process group (once) and pick the parallel mode:
     "auto" is DDP when launched with more than one process."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        if mode in ("ddp", "fsdp"):
-            # One process: the wrappers would only add overhead, the math is the same.
-            pass
-        return DistState()
+        return DistState()  # one process: "ddp" / "fsdp" wrappers would only add overhead
     if mode == "none":
         raise ValueError("distributed='none' under torchrun with several processes: each would train alone")
     if not dist.is_initialized():

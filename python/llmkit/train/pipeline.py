@@ -18,6 +18,7 @@ from .config import TrainConfig
 
 # Which objective trains which family, and the tokenizer each family gets by default.
 FAMILY_OBJECTIVE = {"gpt": "clm", "bert": "mlm", "t5": "span"}
+_FAMILY_OF = {v: k for k, v in FAMILY_OBJECTIVE.items()}
 T5_SENTINELS = 100
 
 
@@ -66,12 +67,9 @@ def cache_root() -> Path:
 
 
 def _source_key(source) -> str:
-    from llmkit.data import shards
+    from llmkit.data.sources import source_identity  # paths, sizes, mtimes: what prepare_corpus keys on
 
-    key = getattr(shards, "source_identity", None)
-    if key is not None:
-        return json.dumps(key(source), sort_keys=True, default=str)
-    return str(Path(source).resolve()) if source is not None else "builtin"
+    return json.dumps(source_identity(source), sort_keys=True, default=str)
 
 
 def get_tokenizer(source, spec: dict, tokenizer_path=None, max_documents=None, progress=True):
@@ -188,5 +186,3 @@ def pretrain(model: str, objective: str | None = None, data=None, config: TrainC
     model_dir = trainer.export(Path(config.out_dir) / "model") if export else None
     return {"trainer": trainer, "tokenizer": tok, "result": result, "model_dir": model_dir, "corpus": corpus}
 
-
-_FAMILY_OF = {v: k for k, v in FAMILY_OBJECTIVE.items()}

@@ -106,7 +106,10 @@ class Trainer:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
 
-        family = getattr(objective, "model_family", None)
+        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            if data is not None and not hasattr(data, "doc_starts"):
+                raise TypeError(f"{name} must be llmkit.data.TokenShards (e.g. TokenizedCorpus.train), "
+                                f"got {type(data).__name__}")
         self.model = model.to(self.device)
         self.model_config = model_config_dict(model)
         if config.gradient_checkpointing:
@@ -141,7 +144,6 @@ class Trainer:
         self.step = 0
         self.flops_per_token = training_flops_per_token(model, config.seq_len)
         self.peak = config.peak_tflops or peak_tflops(self.device, config.dtype)
-        self.family = family
         self.metrics: MetricsLog | None = None
 
     # ------------------------------------------------------------ batches --
@@ -160,10 +162,6 @@ class Trainer:
         if len(parts) == 1:
             return parts[0]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
 
     def _micro_batches(self, step: int) -> list[dict]:
         per_rank = self.micro * self.accum
@@ -192,7 +190,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._micro_batches(self.step)
-        keys = None
         counts: dict[str, int] = {}
         tokens = 0
         for batch in batches:
@@ -209,7 +206,7 @@ class Trainer:
             last = i == len(batches) - 1
             with self._sync_context(last):
                 with self.autocast():
-                    terms = self.module(self._to_device(batch))
+                    terms = self.module(batch)  # the objective moves it to the model's device
                 loss = sum(terms[k].sum.float() * (self.dist.world_size / global_counts[k])
                            for k in keys if global_counts[k] > 0)
                 if isinstance(loss, torch.Tensor):
@@ -275,7 +272,7 @@ class Trainer:
                 for k, c in self.objective.target_counts(batch).items():
                     counts[k] = counts.get(k, 0) + c
                 with self.autocast():
-                    terms = module(self._to_device(batch))
+                    terms = module(batch)
                 keys = sorted(terms)
                 if sums is None:
                     sums = torch.zeros(2 * len(keys), dtype=torch.float64)
