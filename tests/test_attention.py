@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from compile_check import assert_compiled_matches_eager
 
 from llmkit.ops import flash_attention, flash_attention_varlen
 from llmkit.ops import reference as R
@@ -281,16 +282,7 @@ def test_torch_compile_fullgraph(device):
     def loss(q, k, v):
         return flash_attention(q, k, v, causal=True, window=(16, -1)).square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    value = compiled(*leaves)
-    value.backward()
-    expected = loss(*eager_leaves)
-    expected.backward()
-    torch.testing.assert_close(value, expected)
-    for a, b in zip(leaves, eager_leaves):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(loss, q, k, v)
 
 
 # ---------------------------------------------------------------- bad input --

@@ -6,6 +6,7 @@ torch.compile, bad input."""
 
 import pytest
 import torch
+from compile_check import assert_compiled_matches_eager
 
 from llmkit.ops import flash_attention, flash_attention_varlen
 from llmkit.ops import reference as R
@@ -201,16 +202,7 @@ def test_torch_compile_fullgraph(device):
     def loss(q, k, v, bias):
         return flash_attention(q, k, v, causal=True, attn_bias=bias).square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-    value = compiled(*leaves)
-    value.backward()
-    expected = loss(*eager_leaves)
-    expected.backward()
-    torch.testing.assert_close(value, expected)
-    for a, b in zip(leaves, eager_leaves):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(loss, q, k, v, bias)
 
 
 def test_cuda_says_not_implemented():
