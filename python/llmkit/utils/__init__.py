@@ -1,0 +1,24 @@
+"""What every layer of llmkit shares: atomic saves, progress bars, the package logger.
+
+Imported by ops, nn, models and everything above them; imports nothing of llmkit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .atomic import atomic_directory, atomic_write, recover_directory, write_bytes, write_json, write_text
+from .progress import progress_bar
+
+# Library messages go through logging ("llmkit.<module>"); the application decides what to show.
+# The `llmkit` command configures INFO to stderr; an importing program sees nothing unless it asks.
+logging.getLogger("llmkit").addHandler(logging.NullHandler())
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger of an llmkit module (``get_logger(__name__)``)."""
+    return logging.getLogger(name if name.startswith("llmkit") else f"llmkit.{name}")
+
+
+__all__ = ["atomic_directory", "atomic_write", "recover_directory", "write_bytes", "write_json", "write_text",
+           "progress_bar", "get_logger"]
