@@ -22,3 +22,31 @@ def get_logger(name: str) -> logging.Logger:
 
 __all__ = ["atomic_directory", "atomic_write", "recover_directory", "write_bytes", "write_json", "write_text",
            "progress_bar", "get_logger"]
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or raise an ImportError that says which extra installs it.
+
+    ``plt = require("matplotlib.pyplot", "plot", "loss curves")``.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        raise ImportError(f"{purpose} needs {top}, which is not installed: pip install 'llmkit[{extra}]' "
+                          f"(or pip install {top})") from exc
+
+
+def optional(module: str):
+    """The module if it imports, else None (for features that are skipped without it, with a log line)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+__all__ += ["require", "optional"]
