@@ -53,29 +53,30 @@ def english_corpus_sentences() -> EnglishCorpusSentences:
 
 def write_english_corpus_tokens(path: str | Path, max_words: int | None = None) -> tuple[Path, int]:
     """Write the tokenized corpus (one sentence a line, words separated by spaces:
-    the format of word2vec.c and gensim's corpus_file) to `path`, at most about
-    `max_words` words; return the path and the word count."""
+    the format of word2vec.c and gensim's corpus_file) to `path` (atomically), at
+    most about `max_words` words; return the path and the word count."""
+    from llmkit.utils import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     words = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         for sentence in english_corpus_sentences():
             f.write(" ".join(sentence) + "\n")
             words += len(sentence)
             if max_words is not None and words >= max_words:
                 break
-    tmp.replace(path)
     return path, words
 
 
 def extract_english_corpus(path: str | Path) -> Path:
     """Write the decompressed corpus to `path` (for tools that want a plain file) and return it."""
+    from llmkit.utils import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with lzma.open(ENGLISH_CORPUS, "rb") as src, open(tmp, "wb") as dst:
+    # atomic: an interrupted extraction leaves no half file under `path`
+    with lzma.open(ENGLISH_CORPUS, "rb") as src, atomic_write(path, "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
-    tmp.replace(path)  # atomic: an interrupted extraction leaves no half file under `path`
     return path
 
 

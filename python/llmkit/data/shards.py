@@ -12,11 +12,14 @@ validation by a seeded hash of the document index, and writes::
       train_doc_starts.npy          int64 offsets of the documents in the split's token stream,
       val_doc_starts.npy              n_docs + 1 of them (the last is n_tokens)
 
-The directory appears atomically (written as a temporary sibling, then
-renamed), so an interrupted run leaves no half corpus. :class:`TokenShards`
-reads a split through ``np.memmap``: a split larger than memory streams from
-the page cache. :func:`prepare_corpus` keeps such corpora in a cache keyed by
-the source files and the tokenizer.
+The directory is one atomic save (:func:`llmkit.utils.atomic_directory`:
+written as a temporary sibling, then swapped in), with meta.json written last,
+so an interrupted run leaves no half corpus and a directory with a meta.json
+is complete. :class:`TokenShards` reads a split through ``np.memmap``: a split
+larger than memory streams from the page cache. :func:`prepare_corpus` keeps
+such corpora in a cache keyed by the source files and the tokenizer; opening a
+cached entry checks it (meta.json, shard sizes, document offsets, the
+tokenizer's sha256) and rebuilds a damaged one, with a warning.
 """
 from __future__ import annotations
 
@@ -25,17 +28,19 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from array import array
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from llmkit.utils import atomic_directory, get_logger, progress_bar
+
+from ._cache import build_lock, remove_leftovers
 from .sources import describe_source, document_count_hint, iter_documents, source_identity
 from .tokenizer import Tokenizer
+
+_log = get_logger(__name__)
 
 FORMAT = "llmkit-token-corpus"
 FORMAT_VERSION = 1
@@ -193,32 +198,41 @@ class TokenizedCorpus:
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(path)!r} is a tokenized corpus of format version {meta.get('version')}; "
                              f"this llmkit reads version {FORMAT_VERSION}: tokenize the source again")
+        damaged = f"{str(path)!r} is a damaged tokenized corpus"
         try:
             dtype = np.dtype(meta["dtype"])
             vocab_size = int(meta["vocab_size"])
             splits = {name: cls._open_split(path, name, meta["splits"][name], dtype, vocab_size)
                       for name in SPLITS}
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{str(path)!r}: meta.json lacks or garbles {err}: the corpus is damaged; "
-                             f"tokenize the source again") from None
-        tokenizer = Tokenizer.from_file(path / "tokenizer")
+            raise ValueError(f"{damaged}: meta.json lacks or garbles {err}; tokenize the source again") from None
+        try:
+            tokenizer = Tokenizer.from_file(path / "tokenizer")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{damaged}: its tokenizer cannot be read ({err}); tokenize the source again") from None
         if tokenizer_sha256(tokenizer) != meta.get("tokenizer_sha256"):
-            raise ValueError(f"{str(path)!r}: tokenizer/tokenizer.json does not match the sha256 in meta.json")
+            raise ValueError(f"{damaged}: tokenizer/tokenizer.json does not match the sha256 in meta.json")
         return cls(path, meta, splits["train"], splits["val"], tokenizer)
 
     @staticmethod
     def _open_split(path: Path, name: str, split: dict, dtype: np.dtype, vocab_size: int) -> TokenShards:
+        damaged = f"{str(path)!r} is a damaged tokenized corpus"
         shards = []
         for entry in split["shards"]:
             file, n = path / entry["file"], int(entry["n_tokens"])
             if not file.is_file() or file.stat().st_size != n * dtype.itemsize:
-                raise ValueError(f"{str(path)!r}: shard {entry['file']} is missing or not {n} {dtype} tokens "
-                                 f"long: the corpus is damaged; tokenize the source again")
-            shards.append(np.memmap(file, dtype=dtype, mode="r", shape=(n,)))
-        doc_starts = np.load(path / split["doc_starts"])
-        shards = TokenShards(shards, doc_starts, vocab_size)
+                raise ValueError(f"{damaged}: shard {entry['file']} is missing or not {n} {dtype} tokens "
+                                 f"long; tokenize the source again")
+            shards.append(np.memmap(file, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype))
+        try:
+            doc_starts = np.load(path / split["doc_starts"], allow_pickle=False)
+            shards = TokenShards(shards, doc_starts, vocab_size)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{damaged}: {split['doc_starts']} is missing or wrong ({err}); "
+                             f"tokenize the source again") from None
         if shards.n_docs != split["n_docs"] or shards.n_tokens != split["n_tokens"]:
-            raise ValueError(f"{str(path)!r}: the {name} split does not match meta.json's counts")
+            raise ValueError(f"{damaged}: the {name} split does not match meta.json's counts; "
+                             f"tokenize the source again")
         return shards
 
     def __repr__(self) -> str:
@@ -295,24 +309,11 @@ def _is_val(index: int, seed: int, val_fraction: float) -> bool:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{str(out_dir)!r} exists and is not a directory: choose another out_dir")
     if out_dir.exists() and not overwrite and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise FileExistsError(f"{str(out_dir)!r} already exists and is not empty; pass overwrite=True to "
                               f"replace it, or choose another out_dir")
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished corpus into place: one rename (plus one to set an old one aside)."""
-    _check_target(out_dir, overwrite)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
-    os.replace(tmp, out_dir)  # onto nothing or onto an empty directory: rename(2) allows both
 
 
 def tokenize_corpus(source, tokenizer, out_dir, *, val_fraction: float = 0.005, seed: int = 0,
@@ -334,60 +335,61 @@ def tokenize_corpus(source, tokenizer, out_dir, *, val_fraction: float = 0.005, 
     Documents that encode to no token are left out (counted in meta.json).
     Memory holds one batch of documents, never the corpus.
     """
-    from tqdm.auto import tqdm
-
     tokenizer = _as_tokenizer(tokenizer)
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+    if not isinstance(shard_tokens, int) or isinstance(shard_tokens, bool) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
     out_dir = Path(out_dir).expanduser()
-    _check_target(out_dir, overwrite)  # fail before the work, and again before the rename
+    _check_target(out_dir, overwrite)  # fail before the work, and again before the swap
     documents = iter_documents(source, max_documents=max_documents)  # checks the path now
     vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    writers = {name: _SplitWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
-    try:
-        # The newest document of each split is held back, so that at the end
-        # one can still move to an empty split (a tiny corpus still gets a val).
-        held: dict[str, list[int] | None] = {name: None for name in SPLITS}
-        n_read = n_empty = 0
-        bar = tqdm(total=document_count_hint(source, max_documents), unit="doc", desc="tokenizing",
-                   disable=not progress, dynamic_ncols=True)
-        with bar:
-            for batch in _batches(documents):
-                encodings = tokenizer.backend.encode_batch(batch, add_special_tokens=False)
-                ready: dict[str, list] = {name: [] for name in SPLITS}
-                for encoding in encodings:
-                    ids = encoding.ids
-                    index, n_read = n_read, n_read + 1
-                    if not ids:
-                        n_empty += 1
-                        continue
-                    if max(ids) >= vocab_size:
-                        raise ValueError(f"the tokenizer produced id {max(ids)} >= its vocab_size {vocab_size}")
-                    split = "val" if _is_val(index, seed, val_fraction) else "train"
-                    if held[split] is not None:
-                        ready[split].append(held[split])
-                    held[split] = ids
-                for name in SPLITS:
-                    writers[name].add(ready[name])
-                bar.update(len(batch))
-                bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
-        total = sum(w.n_docs for w in writers.values()) + sum(h is not None for h in held.values())
-        if total == 0:
-            raise ValueError(f"empty corpus: no document of {describe_source(source)} encodes to any token")
-        if held["val"] is None and total >= 2 and val_fraction > 0:
-            held["val"], held["train"] = held["train"], None  # the last train document becomes val
-        if held["train"] is None and writers["train"].n_docs == 0:
-            held["train"], held["val"] = held["val"], None    # train must not be empty
-        for name in SPLITS:
-            if held[name] is not None:
-                writers[name].add([held[name]])
-        splits = {name: writers[name].finish() for name in SPLITS}
+    # One atomic save: the corpus replaces out_dir whole (nothing of an old one is kept), or not at all.
+    with atomic_directory(out_dir, keep_existing=False) as tmp:
+        writers = {name: _SplitWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
+        try:
+            # The newest document of each split is held back, so that at the end
+            # one can still move to an empty split (a tiny corpus still gets a val).
+            held: dict[str, list[int] | None] = {name: None for name in SPLITS}
+            n_read = n_empty = 0
+            bar = progress_bar(total=document_count_hint(source, max_documents), unit="doc", desc="tokenizing",
+                               disable=not progress)
+            with bar:
+                for batch in _batches(documents):
+                    encodings = tokenizer.backend.encode_batch(batch, add_special_tokens=False)
+                    ready: dict[str, list] = {name: [] for name in SPLITS}
+                    for encoding in encodings:
+                        ids = encoding.ids
+                        index, n_read = n_read, n_read + 1
+                        if not ids:
+                            n_empty += 1
+                            continue
+                        if max(ids) >= vocab_size:
+                            raise ValueError(f"the tokenizer produced id {max(ids)} >= its vocab_size {vocab_size}")
+                        split = "val" if _is_val(index, seed, val_fraction) else "train"
+                        if held[split] is not None:
+                            ready[split].append(held[split])
+                        held[split] = ids
+                    for name in SPLITS:
+                        writers[name].add(ready[name])
+                    bar.update(len(batch))
+                    bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
+            total = sum(w.n_docs for w in writers.values()) + sum(h is not None for h in held.values())
+            if total == 0:
+                raise ValueError(f"empty corpus: no document of {describe_source(source)} encodes to any token")
+            if held["val"] is None and total >= 2 and val_fraction > 0:
+                held["val"], held["train"] = held["train"], None  # the last train document becomes val
+            if held["train"] is None and writers["train"].n_docs == 0:
+                held["train"], held["val"] = held["val"], None    # train must not be empty
+            for name in SPLITS:
+                if held[name] is not None:
+                    writers[name].add([held[name]])
+            splits = {name: writers[name].finish() for name in SPLITS}
+        finally:
+            for writer in writers.values():
+                writer.abort()
         tokenizer.save(tmp / "tokenizer")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab_size,
                 "tokenizer_sha256": tokenizer_sha256(tokenizer), "source": describe_source(source),
@@ -395,13 +397,9 @@ def tokenize_corpus(source, tokenizer, out_dir, *, val_fraction: float = 0.005, 
                 "val_fraction": val_fraction, "seed": seed, "max_documents": max_documents,
                 "shard_tokens": shard_tokens, "add_special_tokens": False, "splits": splits,
                 **(_extra_meta or {})}
+        # meta.json last: a directory holding it holds everything it lists.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out_dir, overwrite)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(out_dir, overwrite)  # another process may have written out_dir meanwhile
     corpus = TokenizedCorpus.open(out_dir)
     corpus.tokenizer = tokenizer  # the caller's object (same tokenizer.json; keeps its roles and settings)
     return corpus
@@ -452,26 +450,35 @@ def prepare_corpus(source, tokenizer, cache_dir=None, *, val_fraction: float = 0
     path = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / f"{name}-{key[:16]}"
     corpus = _open_cached(path, key)
     if corpus is None:
-        try:
-            corpus = tokenize_corpus(source, tokenizer, path, val_fraction=val_fraction, seed=seed,
-                                     shard_tokens=shard_tokens, progress=progress, max_documents=max_documents,
-                                     overwrite=path.exists(), _extra_meta={"cache_key": key})
-        except FileExistsError:  # another process finished it first
-            corpus = _open_cached(path, key)
+        with build_lock(path):
+            # Another process may have built it while this one waited for the lock.
+            corpus = _open_cached(path, key, warn=False)
             if corpus is None:
-                raise
+                remove_leftovers(path)
+                corpus = tokenize_corpus(source, tokenizer, path, val_fraction=val_fraction, seed=seed,
+                                         shard_tokens=shard_tokens, progress=progress, max_documents=max_documents,
+                                         overwrite=True, _extra_meta={"cache_key": key})
     corpus.tokenizer = tokenizer
     return corpus
 
 
-def _open_cached(path: Path, key: str) -> TokenizedCorpus | None:
-    if not path.exists():
+def _open_cached(path: Path, key: str, warn: bool = True) -> TokenizedCorpus | None:
+    """The cache entry at `path`, or None when it is missing, damaged or another
+    corpus (then it is rebuilt: a broken entry never fails a run for good)."""
+    if not os.path.lexists(path):
         return None
     try:
         corpus = TokenizedCorpus.open(path)
-    except (ValueError, OSError):
-        return None  # damaged: rebuilt (overwrite) by the caller
-    return corpus if corpus.meta.get("cache_key") == key else None
+    except (ValueError, OSError) as err:
+        if warn:
+            _log.warning("the cached corpus %s is unusable (%s): tokenizing the source again", path, err)
+        return None
+    if corpus.meta.get("cache_key") != key:
+        if warn:
+            _log.warning("the cached corpus %s was made from other data (its cache key differs): "
+                         "tokenizing the source again", path)
+        return None
+    return corpus
 
 
 __all__ = ["TokenShards", "TokenizedCorpus", "tokenize_corpus", "prepare_corpus", "token_dtype",

@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from llmkit.utils import get_logger
+
+_log = get_logger(__name__)
+
 # Paragraphs of the shipped corpus (as iter_documents splits it): only a
 # progress-bar hint, so a stale value after a corpus update is harmless.
 ENGLISH_CORPUS_DOCUMENTS = 74_667
@@ -22,6 +26,7 @@ ENGLISH_CORPUS_DOCUMENTS = 74_667
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 COMPRESSED_SUFFIXES = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
+
 
 def _builtin() -> Path:
     from . import ENGLISH_CORPUS  # at call time: llmkit.data imports this module
@@ -49,8 +54,9 @@ def source_files(source) -> list[Path]:
     the file itself, or every readable file (.txt/.md/.jsonl, optionally
     .xz/.gz/.bz2; hidden entries skipped) below a folder, sorted by path.
 
-    Raises FileNotFoundError for a missing path and ValueError for a folder
-    holding no such file, so errors surface before any work starts."""
+    Symbolic links are followed, each real file and folder once (see
+    :func:`_walk`). Raises FileNotFoundError for a missing path and ValueError
+    for a folder holding no such file, so errors surface before any work starts."""
     if source is None:
         return [_builtin()]
     if not isinstance(source, (str, os.PathLike)):
@@ -61,18 +67,80 @@ def source_files(source) -> list[Path]:
         raise FileNotFoundError(f"corpus source {str(path)!r} does not exist")
     if path.is_file():
         return [path]  # named explicitly: read it whatever its suffix (as text unless .jsonl)
-    files = []
-    for root, dirs, names in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in names:
-            file = Path(root) / name
-            if not name.startswith(".") and _kind(file)[0] is not None:
-                files.append(file)
+    if not path.is_dir():
+        raise ValueError(f"corpus source {str(path)!r} is neither a file nor a folder")
+    files = _walk(path)
     if not files:
         raise ValueError(f"empty corpus: folder {str(path)!r} holds no readable files (expected "
                          f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, optionally compressed as "
                          f"{', '.join(COMPRESSED_SUFFIXES)})")
+    return files
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The readable files below `folder`, sorted by path, each real file once.
+
+    Symbolic links are followed (a corpus is often a folder of links), but a
+    folder is entered only once per real folder and a file is listed only
+    once per real file (the first of its paths in sorted order): a link loop
+    (``a/loop -> ..``) ends, and two links to one file read it once. Broken
+    links are skipped with a warning; an unreadable folder is an error (a
+    silently missing part of a corpus would be a wrong result).
+    """
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    files: list[Path] = []
+
+    def visit(directory: Path) -> None:
+        try:
+            stat = directory.stat()
+        except OSError as err:
+            raise _unreadable(directory, err) from None
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            return  # a loop, or a second link to a folder already read
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            raise _unreadable(directory, err) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files and folders (.git, editor backups)
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+                is_file = not is_dir and entry.is_file(follow_symlinks=True)
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                visit(path)
+                continue
+            if _kind(path)[0] is None:
+                continue
+            if not is_file:
+                if entry.is_symlink():
+                    _log.warning("corpus folder %s: skipping broken link %s", folder, path)
+                continue
+            try:
+                target = path.stat()
+            except OSError as err:
+                raise _unreadable(path, err) from None
+            if (target.st_dev, target.st_ino) in seen_files:
+                continue
+            seen_files.add((target.st_dev, target.st_ino))
+            files.append(path)
+
+    visit(folder)
+    # Sorted by full path (as before): "a.md" < "b/z.txt" < "c.jsonl". The walk
+    # went folder by folder in sorted order too, so the path kept for a file
+    # linked twice is the first of its paths in this order.
     return sorted(files)
+
+
+def _unreadable(path: Path, err: OSError) -> OSError:
+    if isinstance(err, PermissionError):
+        return PermissionError(f"corpus source: cannot read {str(path)!r} (permission denied)")
+    return OSError(f"corpus source: cannot read {str(path)!r}: {err.strerror or err}")
 
 
 def source_identity(source) -> dict:

@@ -12,11 +12,11 @@ padded tensors, and saving a directory both libraries load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from llmkit.utils import atomic_directory
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "cls_token", "sep_token")
 
@@ -26,6 +26,19 @@ def _content(token) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token
+
+
+def _read_config(file: Path) -> dict:
+    """A tokenizer_config.json / special_tokens_map.json as a dict ({} when absent)."""
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 class Tokenizer:
@@ -68,33 +81,33 @@ class Tokenizer:
         except Exception as err:  # the Rust error names the JSON problem
             raise ValueError(f"{file} is not a valid tokenizer.json: {err}") from None
         found: dict[str, str] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            config_file = directory / name
-            if config_file.is_file():
-                config = json.loads(config_file.read_text())
-                for key in SPECIAL_TOKEN_NAMES:
-                    if _content(config.get(key)) is not None:
-                        found[key] = _content(config[key])
+        configs = {name: _read_config(directory / name) for name in ("special_tokens_map.json",
+                                                                      "tokenizer_config.json")}
+        for config in configs.values():
+            for key in SPECIAL_TOKEN_NAMES:
+                if _content(config.get(key)) is not None:
+                    found[key] = _content(config[key])
         found.update({k: v for k, v in special_tokens.items() if v is not None})
         tokenizer = cls(backend, **found)
-        if path.is_dir() and (directory / "tokenizer_config.json").is_file():
-            side = json.loads((directory / "tokenizer_config.json").read_text()).get("padding_side")
+        if path.is_dir():
+            side = configs["tokenizer_config.json"].get("padding_side")
             if side in ("left", "right"):
                 tokenizer.padding_side = side
         return tokenizer
 
     def save(self, directory) -> Path:
-        """Write tokenizer.json and tokenizer_config.json (atomically) into `directory`."""
+        """Write tokenizer.json and tokenizer_config.json into `directory`, as one atomic save.
+
+        Both files appear together or not at all (a kill in between never leaves
+        a tokenizer.json without its special tokens); other files in `directory`
+        (a model saved there) are kept.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": self.padding_side,
                   **self.special_tokens}
-        for name, text in (("tokenizer.json", self.backend.to_str()),
-                           ("tokenizer_config.json", json.dumps(config, indent=2) + "\n")):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, directory / name)
+        with atomic_directory(directory) as tmp:
+            (tmp / "tokenizer.json").write_text(self.backend.to_str(), encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
     # --------------------------------------------------------- vocabulary --
@@ -187,6 +200,32 @@ DEFAULT_SPECIAL_TOKENS = {
 }
 _BYTE_ALPHABET = 256  # byte-level BPE always holds every byte's symbol
 
+# The largest vocab_size train_tokenizer accepts: 2^24 = 16,777,216 entries.
+# The `tokenizers` trainers reserve their vocabulary up front, before reading
+# a word (BpeTrainer::do_train: HashMap<String, u32>::with_capacity(vocab_size)
+# and Vec<String>::with_capacity(vocab_size); WordPiece trains through it):
+# 24 bytes a Vec slot plus 33 bytes a hash bucket, buckets rounded up to a
+# power of two above 8/7 of the capacity, i.e. 60-100 bytes an entry. At
+# vocab_size = 1e9 that is a 95 GB allocation, which the Rust allocator
+# answers with an abort (no Python exception). At 2^24 it is about 1.5 GB of
+# address space, mostly never touched, which any machine that trains models
+# grants. 2^24 is also 64x the largest vocabularies in use (256 k: Gemma,
+# mT5) and the last size whose ids a float32 holds exactly.
+MAX_VOCAB_SIZE = 1 << 24
+
+
+def check_vocab_size(vocab_size) -> int:
+    """`vocab_size` if it is an int in [1, :data:`MAX_VOCAB_SIZE`], else a ValueError that says why."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size:,} is too large: at most {MAX_VOCAB_SIZE:,} (2^24; the "
+                         f"tokenizers trainer reserves memory for the whole vocabulary up front, and real "
+                         f"vocabularies stay below 300,000)")
+    return vocab_size
+
 
 def sentinel_tokens(n: int) -> list[str]:
     """T5's span-corruption sentinels ``<extra_id_0>`` .. ``<extra_id_{n-1}>``."""
@@ -201,7 +240,8 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
 
     Args:
         vocab_size: the final vocabulary size, special tokens and sentinels
-            included (smaller when the corpus has too few merges).
+            included (smaller when the corpus has too few merges); at most
+            :data:`MAX_VOCAB_SIZE` (2^24).
         kind: "bpe" (byte-level, GPT-2/RoBERTa: never an unknown token) or
             "wordpiece" (BERT: BertNormalizer, lowercase by default).
         special_tokens: role -> token (roles of :data:`SPECIAL_TOKEN_NAMES`),
@@ -232,8 +272,13 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
             raise ValueError(f"unknown special token role {name!r}; expected one of {SPECIAL_TOKEN_NAMES}")
         if not isinstance(token, str) or not token:
             raise ValueError(f"special token {name} must be a non-empty string, got {token!r}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
     if not isinstance(sentinels, int) or isinstance(sentinels, bool) or sentinels < 0:
         raise ValueError(f"sentinels must be an int >= 0, got {sentinels!r}")
+    if sentinels >= vocab_size:  # before listing them: sentinels=10**9 would fill the memory
+        raise ValueError(f"sentinels={sentinels} does not fit in vocab_size={vocab_size}: the sentinels are "
+                         f"part of the vocabulary, with the special tokens and the learned pieces")
     extra = sentinel_tokens(sentinels)
     clash = set(extra) & set(roles.values())
     if clash:
@@ -241,14 +286,13 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
     ordered = list(dict.fromkeys(roles.values()))  # unique, in the order given: ids 0, 1, ...
     if kind == "wordpiece" and "unk_token" not in roles:
         raise ValueError("a wordpiece tokenizer needs an unk_token (for characters outside its alphabet)")
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
     floor = len(ordered) + len(extra) + (_BYTE_ALPHABET if kind == "bpe" else 1)
     if vocab_size < floor:
         what = f"{len(ordered)} special tokens + {len(extra)} sentinels + " + (
             f"the {_BYTE_ALPHABET}-symbol byte alphabet" if kind == "bpe" else "at least one piece")
         raise ValueError(f"vocab_size={vocab_size} is too small for a {kind} tokenizer: it needs at least "
                          f"{floor} ({what})")
+    check_vocab_size(vocab_size)
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
     if lowercase is None:
