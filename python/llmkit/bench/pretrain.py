@@ -31,8 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.utils import atomic_write, get_logger, optional
+
 from . import register
 from .harness import Benchmark, RunOptions, machine_info, report_run_result
+
+_log = get_logger(__name__)
 
 TARGET_SPEEDUP, MAX_LOSS_GAP = 1.2, 0.02
 FULL = dict(preset="gpt-6l-384", vocab_size=8192, seq_len=256, batch_size=16, steps=120, eval_samples=128)
@@ -50,6 +54,11 @@ def _corpus(vocab_size: int, progress: bool):
 
 
 def run(opts: RunOptions, out_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="llmkit-bench-pretrain-") as work:  # scratch, removed at the end
+        return _run(opts, Path(work))
+
+
+def _run(opts: RunOptions, work: Path) -> dict:
     from llmkit.bench.pretrain_reference import train_reference
     from llmkit.objectives import get_objective
     from llmkit.train import TrainConfig, Trainer
@@ -62,7 +71,6 @@ def run(opts: RunOptions, out_dir: Path) -> dict:
     objective = get_objective("clm", corpus.tokenizer, seed=HYPER["seed"])
     torch.manual_seed(HYPER["seed"])
     model = build_model("gpt", shape["preset"], corpus.tokenizer, shape["seq_len"], dropout=0.0)
-    work = Path(tempfile.mkdtemp(prefix="llmkit-bench-pretrain-"))
     model.to_hf(work / "init")  # transformers starts from the very same weights
     config = TrainConfig(out_dir=str(work / "llmkit"), steps=shape["steps"], batch_size=shape["batch_size"],
                          seq_len=shape["seq_len"], lr=HYPER["lr"], betas=HYPER["betas"],
@@ -87,8 +95,7 @@ def run(opts: RunOptions, out_dir: Path) -> dict:
     contenders.append(dict(contender="llmkit", tokens_per_s=sum(r["tokens"] for r in steps) / seconds,
                            train_seconds=seconds, val_loss=outcome["val"]["loss_clm"],
                            train_losses=[r["loss"] for r in steps], n_params=trainer.model.num_parameters()))
-    if opts.progress:
-        print(f"training the transformers reference ({shape['steps']} steps) ...", flush=True)
+    _log.info("training the transformers reference (%d steps) ...", shape["steps"])
     ref = train_reference("gpt", config_dict, train_blocks, val_blocks, steps=shape["steps"],
                           batch_size=shape["batch_size"], lr=HYPER["lr"], warmup_steps=HYPER["warmup_steps"],
                           weight_decay=HYPER["weight_decay"], grad_clip=HYPER["grad_clip"], seed=HYPER["seed"],
@@ -103,8 +110,7 @@ def run(opts: RunOptions, out_dir: Path) -> dict:
     repeats = opts.explicit_repeats or (1 if opts.quick else 2)
     rate_steps = min(20, shape["steps"])
     for r in range(repeats):  # throughput-only runs, alternating, so drift hits both alike
-        if opts.progress:
-            print(f"throughput runs {r + 1}/{repeats} ({rate_steps} steps each) ...", flush=True)
+        _log.info("throughput runs %d/%d (%d steps each) ...", r + 1, repeats, rate_steps)
         ref = train_reference("gpt", config_dict, train_blocks, val_blocks[:1], steps=rate_steps,
                               batch_size=shape["batch_size"], lr=HYPER["lr"], warmup_steps=HYPER["warmup_steps"],
                               weight_decay=HYPER["weight_decay"], grad_clip=HYPER["grad_clip"], seed=HYPER["seed"],
@@ -148,7 +154,8 @@ def format_table(result: dict) -> str:
     rows = [header]
     for c in result["contenders"]:
         rows.append((c["contender"], f"{c['tokens_per_s']:,.0f}", f"{c['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
-                     " ".join(f"{v:,.0f}" for v in c["runs_tokens_per_s"]), f"{c['train_seconds']:.1f}", f"{c['val_loss']:.4f}", f"{math.exp(c['val_loss']):.2f}"))
+                     " ".join(f"{v:,.0f}" for v in c["runs_tokens_per_s"]), f"{c['train_seconds']:.1f}",
+                     f"{c['val_loss']:.4f}", f"{math.exp(c['val_loss']):.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"CLM pretraining of {shape['preset']} (vocab {shape['vocab_size']}, "
              f"{result['contenders'][0]['n_params']:,} parameters) on the shipped corpus: {shape['steps']} steps x "
@@ -163,12 +170,15 @@ def format_table(result: dict) -> str:
 
 
 def write_plot(result: dict, path: Path) -> bool:
-    """Training loss curves of both contenders, and their tokens/s ratio."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    """Training loss curves of both contenders, and their tokens/s ratio (False, with a
+    warning, without matplotlib: the optional ``plot`` extra)."""
+    figure = optional("matplotlib.figure")
+    backend = optional("matplotlib.backends.backend_agg")
+    if figure is None or backend is None:
+        _log.warning("%s skipped: the plot needs matplotlib (pip install 'llmkit[plot]')", path)
+        return False
+    fig = figure.Figure(figsize=(11, 4), layout="constrained")
+    backend.FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2, 1)
     for c in result["contenders"]:
         ax.plot(range(1, len(c["train_losses"]) + 1), c["train_losses"], lw=1,
@@ -187,7 +197,8 @@ def write_plot(result: dict, path: Path) -> bool:
     ax.set_title("tokens/s relative to transformers' Trainer", fontsize=10)
     ax.legend(fontsize=8)
     fig.suptitle(f"pretraining {result['shape']['preset']}: llmkit vs transformers")
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     return True
 
 

@@ -1,9 +1,17 @@
-"""`llmkit pretrain`: flags or a TOML / JSON config file (flags win).
+"""`llmkit pretrain` and `llmkit corpus`: flags or a TOML / JSON config file (flags win).
 
-    llmkit pretrain --model gpt-tiny --objective clm --steps 300
+    llmkit pretrain --model gpt-tiny --objective clm --steps 300 -o runs/gpt
     llmkit pretrain --model bert-tiny --objective mlm --data corpus/ --whole-word-masking
     llmkit pretrain --config run.toml --resume
     torchrun --nproc_per_node 2 -m llmkit pretrain --model gpt-tiny --distributed ddp ...
+    llmkit corpus prepare my_texts/ -o corpus/ --kind wordpiece --vocab-size 30522
+    llmkit corpus info corpus/
+
+``-o/--output`` (``--out-dir`` / ``--out`` kept as aliases) is where a command
+writes; ``pretrain`` refuses an output directory that holds a previous run
+unless ``--resume`` (continue it) or ``--overwrite`` (replace it).
+``--device`` (auto, cpu, cuda, cuda:N) is where pretraining computes. A user
+error (a bad value, a missing file) ends in one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
@@ -13,13 +21,19 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from llmkit.utils.cliargs import add_device_argument, add_output_argument
+
 from .config import TrainConfig, read_config_file
 
 # Options of the run itself (not TrainConfig fields), with their config-file keys.
 _RUN_OPTIONS = ("model", "objective", "data", "tokenizer", "vocab_size", "max_documents", "mlm_probability",
                 "whole_word_masking", "masking", "nsp", "noise_density", "mean_span_length", "threads", "sample",
                 "max_new_tokens", "model_config")
-_SKIP = {"extra", "betas"}
+_SKIP = {"extra", "betas", "out_dir", "device"}  # flags of their own below
+# What a command handler reports as a user error (one line, exit 2): the types the top-level `llmkit`
+# command treats so; CheckpointError is a ValueError.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
+               NotImplementedError)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--model-config", action="append", metavar="KEY=VALUE",
                      help="override a field of the preset's config (JSON value), e.g. n_layer=4, "
                           "hidden_dropout_prob=0; repeatable")
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    run.add_argument("--resume", action="store_true", default=None,
+                     help="continue from the newest complete checkpoint in the output directory")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--sample", action="append", metavar="PROMPT",
                      help="after training, complete PROMPT (clm / span) or fill its [MASK]s (mlm); repeatable")
@@ -67,22 +82,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = float if "float" in str(hints[f.name]) else int
         train.add_argument(flag, dest=f.name, type=kind, default=None, help=f"default {default}")
     train.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"))
+    add_output_argument(train, aliases=("--out-dir",), default=None,
+                        help=f"output directory: metrics, loss curve, checkpoints, model "
+                             f"(default {TrainConfig.out_dir})")
+    add_device_argument(train, default=None, help="auto (CUDA when available; under torchrun cuda:LOCAL_RANK), "
+                                                  "cpu, cuda or cuda:N (default auto)")
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     """(run options, TrainConfig) from the config file overlaid with the flags given."""
     values = read_config_file(args.config) if args.config else {}
+    if "output" in values:  # the flag's name, accepted in a config file as well as out_dir
+        if "out_dir" in values:
+            raise ValueError(f"{args.config}: give output or out_dir, not both")
+        values["out_dir"] = values.pop("output")
     train_names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - train_names - set(_RUN_OPTIONS))
+    unknown = sorted(set(values) - train_names - set(_RUN_OPTIONS) - {"resume"})
     if unknown:
-        raise ValueError(f"{args.config}: unknown options {unknown}")
-    for name in list(train_names) + list(_RUN_OPTIONS):
+        raise ValueError(f"{args.config}: unknown options {unknown}; known: "
+                         f"{sorted((train_names - {'extra'}) | set(_RUN_OPTIONS) | {'output', 'resume'})}")
+    for name in list(train_names) + list(_RUN_OPTIONS) + ["resume"]:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    run = {name: values.pop(name) for name in _RUN_OPTIONS if name in values}
+    if getattr(args, "output", None) is not None:
+        values["out_dir"] = args.output
+    run = {name: values.pop(name) for name in list(_RUN_OPTIONS) + ["resume"] if name in values}
     if "model" not in run:
         raise ValueError("--model is required (a preset: see `llmkit models list`)")
+    if not isinstance(run["model"], str):
+        raise ValueError(f"model must be a preset name, got {run['model']!r}")
+    for name in ("vocab_size", "max_documents", "threads", "max_new_tokens"):
+        value = run.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("data", "tokenizer", "objective", "masking"):
+        if run.get(name) is not None and not isinstance(run[name], str):
+            raise ValueError(f"{name} must be a string, got {run[name]!r}")
     return run, TrainConfig.from_dict(values)
 
 
@@ -109,11 +145,13 @@ def _model_overrides(items) -> dict:
 
     if isinstance(items, dict):
         return dict(items)
+    if items is not None and not isinstance(items, list):
+        raise ValueError(f"model_config must be a table of field = value (or KEY=VALUE flags), got {items!r}")
     overrides = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-config takes KEY=VALUE, got {item!r}")
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-config takes KEY=VALUE (e.g. n_layer=4), got {item!r}")
         try:
             overrides[key.strip()] = json.loads(value)
         except ValueError:
@@ -121,12 +159,45 @@ def _model_overrides(items) -> dict:
     return overrides
 
 
+def _check_model_overrides(preset: str, overrides: dict) -> None:
+    """Unknown fields, and values the config refuses, as one clear error before any data work."""
+    from dataclasses import fields as dataclass_fields
+
+    from .pipeline import _preset_config, model_family
+
+    if not overrides:
+        return
+    family = model_family(preset)
+    try:
+        config = _preset_config(family, preset)
+    except Exception:  # noqa: BLE001 - the preset itself fails later with its own message
+        return
+    known = {f.name for f in dataclass_fields(config)} if hasattr(config, "__dataclass_fields__") else None
+    if known is not None:
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"--model-config: {preset} has no field {', '.join(unknown)}; its fields: "
+                             f"{', '.join(sorted(known))}")
+    try:
+        _preset_config(family, preset, **overrides)
+    except (TypeError, ValueError, AssertionError, KeyError, AttributeError) as err:
+        raise ValueError(f"--model-config {overrides}: {preset} refuses it: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"llmkit pretrain: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return _user_error("pretrain", err)
+
+
+def _user_error(command: str, err: BaseException) -> int:
+    """The top-level `llmkit` command's format for a user error: one line, exit 2."""
+    message = str(err) or type(err).__name__
+    if isinstance(err, (FileNotFoundError, PermissionError)) and err.filename and str(err.filename) not in message:
+        message = f"{message}: {err.filename}"
+    print(f"llmkit {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _run(args) -> int:
@@ -135,9 +206,11 @@ def _run(args) -> int:
     from .pipeline import FAMILY_OBJECTIVE, model_family, pretrain
 
     run_options, config = options_from_args(args)
+    family = model_family(run_options["model"])
+    overrides = _model_overrides(run_options.get("model_config"))
+    _check_model_overrides(run_options["model"], overrides)
     if run_options.get("threads"):
         torch.set_num_threads(int(run_options["threads"]))
-    family = model_family(run_options["model"])
     objective = run_options.get("objective") or FAMILY_OBJECTIVE[family]
     objective_options = {}
     for key, option in (("mlm_probability", "mlm_probability"), ("whole_word_masking", "whole_word"),
@@ -146,10 +219,10 @@ def _run(args) -> int:
         if run_options.get(key) is not None:
             objective_options[option] = run_options[key]
     outcome = pretrain(run_options["model"], objective, run_options.get("data"), config,
-                       model_overrides=_model_overrides(run_options.get("model_config")),
+                       model_overrides=overrides,
                        tokenizer=run_options.get("tokenizer"), vocab_size=run_options.get("vocab_size"),
                        objective_options=objective_options, max_documents=run_options.get("max_documents"),
-                       resume=args.resume)
+                       resume=bool(run_options.get("resume")))
     trainer = outcome["trainer"]
     if trainer.dist.is_main:
         result = outcome["result"]
@@ -160,8 +233,10 @@ def _run(args) -> int:
               + (f" (perplexity {val['ppl']:.2f})" if "ppl" in val else "")
               + (f", MLM accuracy {val['accuracy_mlm']:.3f}" if "accuracy_mlm" in val else ""))
         out = Path(config.out_dir)
-        print(f"  metrics {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}, "
-              f"checkpoints {out / 'checkpoints'}, model {outcome['model_dir']}")
+        plot = out / "loss.png"
+        print(f"  metrics {out / 'metrics.jsonl'}, "
+              + (f"loss curve {plot}, " if plot.is_file() else "")
+              + f"checkpoints {out / 'checkpoints'}, model {outcome['model_dir']}")
     _samples(outcome, run_options, objective)
     from . import distributed
 
@@ -175,41 +250,50 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     prepare = actions.add_parser("prepare", help="train a tokenizer (or take one) and tokenize text into shards")
     prepare.add_argument("source", nargs="?", default=None,
                          help="text file, folder or JSONL (default: the shipped English corpus)")
-    prepare.add_argument("--out", required=True, help="output directory (llmkit pretrain --data reads it)")
+    add_output_argument(prepare, required=True, aliases=("--out",),
+                        help="output directory (llmkit pretrain --data reads it)")
     prepare.add_argument("--tokenizer", help="tokenizer.json or its directory (default: train one)")
     prepare.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
-    prepare.add_argument("--vocab-size", type=int, default=8192)
+    prepare.add_argument("--vocab-size", type=int, default=8192,
+                         help="vocabulary of the trained tokenizer (at most 2^24; default %(default)s)")
     prepare.add_argument("--sentinels", type=int, default=0, help="<extra_id_N> tokens for span corruption")
     prepare.add_argument("--val-fraction", type=float, default=0.005)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--max-documents", type=int, default=None)
-    prepare.add_argument("--overwrite", action="store_true")
+    prepare.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    prepare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     info = actions.add_parser("info", help="describe a prepared corpus")
     info.add_argument("path")
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    from llmkit.data import TokenizedCorpus, tokenize_corpus, train_tokenizer
-    from llmkit.data.tokenizer import Tokenizer
-
     try:
-        if args.action == "info":
-            corpus = TokenizedCorpus.open(args.path)
-            print(corpus)
-            for name, split in (("train", corpus.train), ("val", corpus.val)):
-                print(f"  {name}: {split.n_tokens:,} tokens in {split.n_docs:,} documents")
-            print(f"  tokenizer: vocabulary {corpus.tokenizer.vocab_size:,}, special {corpus.tokenizer.special_tokens}")
-            return 0
-        if args.tokenizer:
-            tokenizer = Tokenizer.from_file(args.tokenizer)
-        else:
-            tokenizer = train_tokenizer(args.source, vocab_size=args.vocab_size, kind=args.kind,
-                                        sentinels=args.sentinels, max_documents=args.max_documents)
-        corpus = tokenize_corpus(args.source, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                                 max_documents=args.max_documents, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"llmkit corpus: {err}", file=sys.stderr)
-        return 2
+        return _run_corpus(args)
+    except USER_ERRORS as err:
+        return _user_error("corpus", err)
+
+
+def _run_corpus(args: argparse.Namespace) -> int:
+    from llmkit.data import TokenizedCorpus, tokenize_corpus, train_tokenizer
+    from llmkit.data.tokenizer import Tokenizer, check_vocab_size
+
+    if args.action == "info":
+        corpus = TokenizedCorpus.open(args.path)
+        print(corpus)
+        for name, split in (("train", corpus.train), ("val", corpus.val)):
+            print(f"  {name}: {split.n_tokens:,} tokens in {split.n_docs:,} documents")
+        print(f"  tokenizer: vocabulary {corpus.tokenizer.vocab_size:,}, special {corpus.tokenizer.special_tokens}")
+        return 0
+    if args.max_documents is not None and args.max_documents < 1:
+        raise ValueError(f"--max-documents must be a positive integer, got {args.max_documents}")
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    else:
+        check_vocab_size(args.vocab_size)
+        tokenizer = train_tokenizer(args.source, vocab_size=args.vocab_size, kind=args.kind, sentinels=args.sentinels,
+                                    max_documents=args.max_documents, progress=args.progress)
+    corpus = tokenize_corpus(args.source, tokenizer, args.output, val_fraction=args.val_fraction, seed=args.seed,
+                             max_documents=args.max_documents, overwrite=args.overwrite, progress=args.progress)
     print(f"llmkit corpus: {corpus.path}: train {corpus.train.n_tokens:,} tokens / {corpus.train.n_docs:,} documents, "
           f"val {corpus.val.n_tokens:,} / {corpus.val.n_docs:,}; vocabulary {corpus.tokenizer.vocab_size:,}")
     return 0

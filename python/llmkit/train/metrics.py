@@ -1,11 +1,21 @@
-"""Run metrics: a JSONL log, a loss-curve PNG, and model FLOPs utilisation."""
+"""Run metrics: a JSONL log, a loss-curve PNG, and model FLOPs utilisation.
+
+metrics.jsonl is appended to one line per record; a kill during an append can
+leave its last line torn. Readers skip lines that do not parse (with a
+warning), and a resumed run rewrites the file atomically with the records up
+to its step, so a torn line never stops a run. loss.png needs matplotlib (the
+``plot`` extra); without it the PNG is skipped with one warning.
+"""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from llmkit.utils import atomic_write, get_logger, optional, write_text
+
+_log = get_logger(__name__)
 
 # Dense peak TFLOPS of GPUs we know (bf16/fp16 tensor cores; fp32 = TF32 where that is the default).
 _GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -48,20 +58,41 @@ def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6.0 * n + 12.0 * layers * width * seq_len
 
 
+def read_records(path: Path) -> tuple[list[dict], list[int]]:
+    """(the records of a metrics.jsonl, the numbers of the lines that are not a JSON object)."""
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
 class MetricsLog:
-    """Appends one JSON object a line; on resume drops lines past the resumed step."""
+    """Appends one JSON object a line; on resume keeps the records up to the
+    resumed step (dropping, with a warning, lines a kill tore) and rewrites
+    the file atomically; a new run starts it empty."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            write_text(self.path, "")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            records, bad = read_records(self.path)
+            if bad:
+                _log.warning("%s: dropping %d line(s) that are not complete JSON records (line %s; a run "
+                             "killed while writing)", self.path, len(bad), ", ".join(map(str, bad[:5])))
+            kept = [r for r in records if _step(r) <= resume_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -70,21 +101,40 @@ class MetricsLog:
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)[0]
+
+
+def _step(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else float("inf")  # a record without a usable step is dropped
+
+
+_warned_no_matplotlib = False
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | None:
-    """Training loss (and validation loss) against step, as a PNG."""
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val"]
+    """Training loss (and validation loss) against step, as a PNG (written atomically).
+
+    Returns None, and draws nothing, without records or without matplotlib
+    (optional: ``pip install 'llmkit[plot]'``; a warning says so once).
+    """
+    global _warned_no_matplotlib
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val" and "loss" in r]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    figure = optional("matplotlib.figure")
+    backend = optional("matplotlib.backends.backend_agg")
+    if figure is None or backend is None:
+        if not _warned_no_matplotlib:
+            _warned_no_matplotlib = True
+            _log.warning("loss.png skipped: drawing it needs matplotlib, which is not installed "
+                         "(pip install 'llmkit[plot]'); metrics.jsonl has the numbers")
+        return None
+    # A Figure of its own, not pyplot: no global state, no backend switch in the user's process.
+    fig = figure.Figure(figsize=(7, 4.2))
+    backend.FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     if train:
         ax.plot(*zip(*train), label="train", lw=1, alpha=0.8)
     if val:
@@ -96,8 +146,6 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     return path

@@ -4,6 +4,15 @@
 tokenizer (trained on the corpus once and cached, or given) -> token shards
 (cached) -> model from the preset, sized to the tokenizer -> objective ->
 :class:`Trainer` -> Hugging Face export with the tokenizer.
+
+The tokenizer cache (``$LLMKIT_CACHE/tokenizers/KEY/``, default
+``~/.cache/llmkit``) holds one directory per (source files, spec, max_documents):
+tokenizer.json, tokenizer_config.json and cache.json, a manifest naming the
+key and the sha256 of tokenizer.json, all written as one atomic directory
+under a build lock (see ``llmkit.data._cache``). An entry that does not
+check out (a manifest missing or naming another key, a tokenizer that does
+not load or whose hash differs: an older llmkit's entry, a disk error) is
+trained again, with a warning, instead of failing every later run.
 """
 from __future__ import annotations
 
@@ -14,7 +23,12 @@ from pathlib import Path
 
 import torch
 
+from llmkit.utils import atomic_directory, get_logger, write_json
+
 from .config import TrainConfig
+
+_log = get_logger(__name__)
+TOKENIZER_CACHE_FORMAT = "llmkit-tokenizer-cache"
 
 # Which objective trains which family, and the tokenizer each family gets by default.
 FAMILY_OBJECTIVE = {"gpt": "clm", "bert": "mlm", "t5": "span"}
@@ -75,20 +89,60 @@ def _source_key(source) -> str:
 def get_tokenizer(source, spec: dict, tokenizer_path=None, max_documents=None, progress=True):
     """The given tokenizer, or one trained on `source` with `spec` (cached)."""
     from llmkit.data import train_tokenizer
-    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.data._cache import build_lock, remove_leftovers
+    from llmkit.data.tokenizer import Tokenizer, check_vocab_size
 
     if tokenizer_path is not None:
         return Tokenizer.from_file(tokenizer_path)
-    key = hashlib.sha256(json.dumps([_source_key(source), spec, max_documents], sort_keys=True).encode())
-    directory = cache_root() / "tokenizers" / key.hexdigest()[:16]
-    if (directory / "tokenizer.json").is_file():
-        return Tokenizer.from_file(directory)
-    kwargs = dict(vocab_size=spec["vocab_size"], kind=spec["kind"], sentinels=spec["sentinels"], progress=progress)
-    if max_documents is not None:
-        kwargs["max_documents"] = max_documents
-    tokenizer = train_tokenizer(source, **kwargs)
-    tokenizer.save(directory)
+    check_vocab_size(spec["vocab_size"])  # before reading the corpus
+    key = hashlib.sha256(json.dumps([_source_key(source), spec, max_documents], sort_keys=True).encode()).hexdigest()
+    directory = cache_root() / "tokenizers" / key[:16]
+    tokenizer = _cached_tokenizer(directory, key)
+    if tokenizer is not None:
+        return tokenizer
+    with build_lock(directory):
+        tokenizer = _cached_tokenizer(directory, key, warn=False)  # built by another process meanwhile
+        if tokenizer is not None:
+            return tokenizer
+        kwargs = dict(vocab_size=spec["vocab_size"], kind=spec["kind"], sentinels=spec["sentinels"],
+                      progress=progress)
+        if max_documents is not None:
+            kwargs["max_documents"] = max_documents
+        tokenizer = train_tokenizer(source, **kwargs)
+        remove_leftovers(directory)
+        with atomic_directory(directory, keep_existing=False) as tmp:
+            tokenizer.save(tmp)
+            digest = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
+            write_json(tmp / "cache.json", {"format": TOKENIZER_CACHE_FORMAT, "key": key, "spec": spec,
+                                            "max_documents": max_documents, "tokenizer_sha256": digest})
     return tokenizer
+
+
+def _cached_tokenizer(directory: Path, key: str, warn: bool = True):
+    """The tokenizer cached in `directory` if the entry checks out, else None (a warning if it exists)."""
+    from llmkit.data.tokenizer import Tokenizer
+
+    if not os.path.lexists(directory):
+        return None
+    try:
+        manifest = json.loads((directory / "cache.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("format") != TOKENIZER_CACHE_FORMAT:
+            raise ValueError("cache.json is not a tokenizer cache manifest")
+        if manifest.get("key") != key:
+            raise ValueError("it was trained for other data or settings")
+        digest = hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()
+        if digest != manifest.get("tokenizer_sha256"):
+            raise ValueError("tokenizer.json does not match the sha256 in cache.json")
+        return Tokenizer.from_file(directory)
+    except (OSError, ValueError) as err:
+        if warn:
+            _log.warning("the cached tokenizer %s is unusable (%s): training it again", directory, err)
+        return None
+
+
+def is_prepared_corpus(source) -> bool:
+    """Whether `source` is a directory written by tokenize_corpus / `llmkit corpus prepare`."""
+    return source is not None and (Path(source).expanduser() / "meta.json").is_file()
 
 
 def get_corpus(source, tokenizer, max_documents=None, progress=True):
@@ -96,7 +150,7 @@ def get_corpus(source, tokenizer, max_documents=None, progress=True):
     tokenized with `tokenizer` into the cache."""
     from llmkit.data import TokenizedCorpus, prepare_corpus
 
-    if source is not None and (Path(source) / "meta.json").is_file():
+    if is_prepared_corpus(source):
         return TokenizedCorpus.open(source)
     kwargs = dict(progress=progress)
     if max_documents is not None:
@@ -155,10 +209,24 @@ def pretrain(model: str, objective: str | None = None, data=None, config: TrainC
     if FAMILY_OBJECTIVE[family] != objective:
         raise ValueError(f"objective {objective!r} trains {_FAMILY_OF[objective]} models; "
                          f"{model!r} is a {family} preset (its objective is {FAMILY_OBJECTIVE[family]!r})")
-    if data is not None and not Path(data).exists():
+    if data is not None and not Path(data).expanduser().exists():
         raise FileNotFoundError(f"no data at {data}")
-    from . import distributed
-    from .trainer import resolve_device
+    prepared = is_prepared_corpus(data)
+    if prepared and (tokenizer is not None or vocab_size is not None or max_documents is not None):
+        raise ValueError(f"{data} is a prepared corpus, tokenized with its own tokenizer: drop --tokenizer / "
+                         f"--vocab-size / --max-documents (or pass the raw text as --data)")
+    if vocab_size is not None:
+        from llmkit.data.tokenizer import check_vocab_size
+
+        check_vocab_size(vocab_size)
+    from . import checkpoint, distributed
+    from .trainer import check_output_dir, resolve_device
+
+    # Before the tokenizer and the corpus (minutes on a big corpus): is the output directory usable?
+    check_output_dir(config.out_dir, resume, config.overwrite)
+    if resume is True and checkpoint.latest(Path(config.out_dir) / "checkpoints") is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(config.out_dir) / 'checkpoints'} "
+                                f"(run without --resume to start training)")
 
     # Under torchrun, rank 0 trains the tokenizer and tokenizes the corpus into
     # the cache while the other ranks wait; then they read what it wrote.
@@ -166,7 +234,7 @@ def pretrain(model: str, objective: str | None = None, data=None, config: TrainC
     if not dist_state.is_main:
         distributed.barrier(dist_state)
     progress = config.progress and dist_state.is_main
-    if data is not None and (Path(data) / "meta.json").is_file():
+    if prepared:
         corpus = get_corpus(data, None)
         tok = corpus.tokenizer
     else:

@@ -14,10 +14,11 @@ What a step does, in order:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import shutil
 import time
-import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -26,11 +27,63 @@ import torch
 from torch import nn
 
 from llmkit.objectives import ObjectiveModule
+from llmkit.utils import get_logger, progress_bar
 
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .metrics import MetricsLog, peak_tflops, plot_loss_curve, training_flops_per_token
 from .optim import WarmupCosine, build_adamw
+
+_log = get_logger(__name__)
+
+# What a run writes into out_dir: a directory holding any of these holds a previous run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "model")
+
+
+def previous_run(out_dir) -> list[str]:
+    """What a previous run left in `out_dir`: the names of :data:`RUN_OUTPUTS` present (and not empty)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = Path(out_dir) / name
+        if (path.is_dir() and any(path.iterdir())) or (path.is_file() and path.stat().st_size > 0):
+            found.append(name)
+    return found
+
+
+def check_output_dir(out_dir, resume, overwrite: bool) -> list[str]:
+    """Refuse to start a run in `out_dir` that would silently mix with, or
+    clobber, a previous one: FileExistsError without `resume` or `overwrite`.
+    Returns what the previous run left (for `overwrite` to delete)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output directory and --overwrite replaces it: "
+                         "give one of them")
+    if resume:
+        return []
+    previous = previous_run(out_dir)
+    if previous and not overwrite:
+        raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to continue "
+                              f"it, --overwrite to replace it, or choose another --output directory")
+    return previous
+
+
+@contextlib.contextmanager
+def _logging_through(bar):
+    """While the progress bar is drawn, llmkit's log lines go through tqdm.write
+    (above the bar, not into it). Only the first logger from llmkit.train up to
+    the root that has a console handler is redirected, so that no line is shown twice."""
+    if bar.disable:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger: logging.Logger | None = _log
+    while logger is not None:
+        if any(type(h) is logging.StreamHandler for h in logger.handlers):
+            with logging_redirect_tqdm(loggers=[logger]):
+                yield
+            return
+        logger = logger.parent if logger.propagate else None
+    yield
 
 
 class SampleOrder:
@@ -126,7 +179,7 @@ class Trainer:
             try:
                 self.eval_examples = objective.examples(eval_data, config.seq_len)
             except ValueError as err:  # a tiny corpus: its validation split is too small, not the run
-                warnings.warn(f"no evaluation: the validation split does not make one example ({err})")
+                _log.warning("no evaluation: the validation split does not make one example (%s)", err)
         self.micro, self.accum = config.grad_accum(self.dist.world_size)
         self.order = SampleOrder(len(self.train_examples), config.seed)
 
@@ -293,69 +346,86 @@ class Trainer:
 
     def train(self, resume: bool | str | Path = False) -> dict:
         """Run to `config.steps`. `resume`: True continues from the newest
-        checkpoint in out_dir (an error if there is none), a path from that
-        checkpoint. Returns {"train": last train record, "val": last eval record}."""
+        complete checkpoint in out_dir (falling back past a damaged newest one,
+        with a warning; an error if there is none), a path from that checkpoint.
+
+        Without `resume`, an out_dir that holds a previous run (checkpoints,
+        metrics) is refused with FileExistsError unless ``config.overwrite``,
+        which deletes that run's outputs first. Returns {"train": last train
+        record, "val": last eval record}."""
         config = self.config
         resumed_step = None
+        if resume and config.overwrite:
+            check_output_dir(self.out_dir, resume, config.overwrite)  # the error: one or the other
         if resume:
-            path = checkpoint.latest(self.out_dir / "checkpoints") if resume is True else Path(resume)
-            if path is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}")
+            if resume is True:
+                path = checkpoint.latest(self.out_dir / "checkpoints")
+                if path is None:
+                    raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'} "
+                                            f"(run without --resume to start training)")
+            else:
+                path = Path(resume)
             self.load_checkpoint(path)
             resumed_step = self.step
         else:
+            previous = check_output_dir(self.out_dir, resume, config.overwrite)
+            distributed.barrier(self.dist)  # every rank has looked before rank 0 deletes
+            if previous and self.dist.is_main:
+                _log.warning("--overwrite: deleting the previous run's %s in %s", ", ".join(previous), self.out_dir)
+                for name in previous:
+                    target = self.out_dir / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
             torch.manual_seed(config.seed + 1000 * self.dist.rank)  # dropout streams differ per rank
         main = self.dist.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", resumed_step)
-        from tqdm.auto import tqdm
+        bar = progress_bar(total=config.steps, initial=self.step, disable=not (main and config.progress),
+                           desc=f"pretrain {self.objective.name}", unit="step")
+        with bar, _logging_through(bar):
+            return self._train_loop(bar)
 
-        bar = tqdm(total=config.steps, initial=self.step, disable=not (main and config.progress),
-                   desc=f"pretrain {self.objective.name}", unit="step", dynamic_ncols=True)
+    def _train_loop(self, bar) -> dict:
+        config = self.config
+        main = self.dist.is_main
         last_train, last_val = None, None
         window_tokens, window_start = 0, time.perf_counter()
         rate = None
-        try:
-            while self.step < config.steps:
-                record = self.train_step()
-                window_tokens += record["tokens"]
-                now = time.perf_counter()
-                elapsed = now - window_start
-                if elapsed > 0:
-                    rate = window_tokens / elapsed
-                    record["tokens_per_s"] = rate
-                    if self.peak:
-                        record["mfu"] = self.flops_per_token * rate / (self.peak * 1e12)
-                window_tokens, window_start = 0, now
-                last_train = record
-                if main:
-                    self.metrics.write(record)
-                    postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{rate:,.0f}" if rate else "-"}
-                    if "mfu" in record:
-                        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
-                at_end = self.step == config.steps
-                if (config.eval_every and self.step % config.eval_every == 0) or at_end:
-                    last_val = self.evaluate()
-                    if main and last_val is not None:
-                        self.metrics.write(last_val)
-                        bar.write(f"step {self.step}: validation loss {last_val['loss']:.4f}"
-                                  + (f", perplexity {last_val['ppl']:.2f}" if "ppl" in last_val else "")
-                                  + (f", MLM accuracy {last_val['accuracy_mlm']:.3f}"
-                                     if "accuracy_mlm" in last_val else ""))
-                        plot_loss_curve(self.metrics.records(), self.out_dir / "loss.png",
-                                        f"{self.objective.name}: {type(self.model).__name__}")
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
-                if (config.save_every and self.step % config.save_every == 0) or at_end:
-                    self.save_checkpoint()
-                    window_start = time.perf_counter()
-        finally:
-            bar.close()
+        title = f"{self.objective.name}: {type(self.model).__name__}"
+        while self.step < config.steps:
+            record = self.train_step()
+            window_tokens += record["tokens"]
+            now = time.perf_counter()
+            elapsed = now - window_start
+            if elapsed > 0:
+                rate = window_tokens / elapsed
+                record["tokens_per_s"] = rate
+                if self.peak:
+                    record["mfu"] = self.flops_per_token * rate / (self.peak * 1e12)
+            window_tokens, window_start = 0, now
+            last_train = record
+            if main:
+                self.metrics.write(record)
+                postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{rate:,.0f}" if rate else "-"}
+                if "mfu" in record:
+                    postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            at_end = self.step == config.steps
+            if (config.eval_every and self.step % config.eval_every == 0) or at_end:
+                last_val = self.evaluate()
+                if main and last_val is not None:
+                    self.metrics.write(last_val)
+                    _log.info("step %d: validation loss %.4f%s%s", self.step, last_val["loss"],
+                              f", perplexity {last_val['ppl']:.2f}" if "ppl" in last_val else "",
+                              f", MLM accuracy {last_val['accuracy_mlm']:.3f}" if "accuracy_mlm" in last_val else "")
+                    plot_loss_curve(self.metrics.records(), self.out_dir / "loss.png", title)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if (config.save_every and self.step % config.save_every == 0) or at_end:
+                self.save_checkpoint()
+                window_start = time.perf_counter()
         if main and self.metrics is not None:
-            plot_loss_curve(self.metrics.records(), self.out_dir / "loss.png",
-                            f"{self.objective.name}: {type(self.model).__name__}")
+            plot_loss_curve(self.metrics.records(), self.out_dir / "loss.png", title)
         return {"train": last_train, "val": last_val}
 
     # -------------------------------------------------------- checkpoints --
@@ -432,11 +502,12 @@ class Trainer:
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
         self.step = meta["step"]
         if self.step > self.config.steps:
-            warnings.warn(f"the checkpoint is at step {self.step}, past steps={self.config.steps}: nothing to train")
+            _log.warning("the checkpoint is at step %d, past steps=%d: nothing to train", self.step,
+                         self.config.steps)
         rng = state["rng"]
         mine = rng.get(self.dist.rank) if meta["world_size"] == self.dist.world_size else None
         if mine is None:
-            warnings.warn("the checkpoint was written with another number of processes: RNG streams restart")
+            _log.warning("the checkpoint was written with another number of processes: RNG streams restart")
             torch.manual_seed(self.config.seed + 1000 * self.dist.rank + self.step)
         else:
             _set_rng_state(mine, self.device)
