@@ -252,7 +252,8 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
             tokens at the top of the vocabulary, ``<extra_id_0>`` highest (T5).
         min_frequency: a merge / word piece must occur this often.
         lowercase: None = True for wordpiece, False for bpe.
-        progress: the `tokenizers` trainer's progress bars.
+        progress: the `tokenizers` trainer's progress bars (shown only on a
+            terminal, as :func:`llmkit.utils.progress_bar`'s).
         max_documents: train on the first documents only.
 
     Encoding with ``add_special_tokens=True`` wraps text as ``<s> A </s>``
@@ -299,6 +300,7 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
         lowercase = kind == "wordpiece"
 
     documents = iter_documents(source, max_documents=max_documents)  # checks the path now
+    progress = _progress_shown(progress)
     train_size = vocab_size - len(extra)  # the sentinels are added after training
     if kind == "bpe":
         backend = Backend(models.BPE())
@@ -323,6 +325,24 @@ def train_tokenizer(source=None, vocab_size: int = 8192, kind: str = "bpe", spec
         backend.add_special_tokens(extra[::-1])  # <extra_id_0> gets the highest id, as in T5
     backend.post_processor = _post_processor(kind, roles, backend)
     return Tokenizer(backend, **roles)
+
+
+def _progress_shown(progress: bool) -> bool:
+    """The rule of llmkit.utils.progress_bar for the Rust trainer's own bars: off when
+    asked, else as LLMKIT_PROGRESS forces, else only when stderr is a terminal."""
+    import sys
+
+    from llmkit.utils.progress import progress_enabled
+
+    if not progress:
+        return False
+    forced = progress_enabled()
+    if forced is not None:
+        return forced
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _post_processor(kind: str, roles: dict, backend):

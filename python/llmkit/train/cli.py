@@ -172,16 +172,34 @@ def _check_model_overrides(preset: str, overrides: dict) -> None:
         config = _preset_config(family, preset)
     except Exception:  # noqa: BLE001 - the preset itself fails later with its own message
         return
-    known = {f.name for f in dataclass_fields(config)} if hasattr(config, "__dataclass_fields__") else None
-    if known is not None:
+    if hasattr(config, "__dataclass_fields__"):
+        known = {f.name for f in dataclass_fields(config)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"--model-config: {preset} has no field {', '.join(unknown)}; its fields: "
                              f"{', '.join(sorted(known))}")
+        hints = typing.get_type_hints(type(config))
+        for key, value in overrides.items():
+            allowed = _scalar_types(hints.get(key))
+            if allowed and not (isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise ValueError(f"--model-config {key}={value!r}: {key} must be {names}")
     try:
         _preset_config(family, preset, **overrides)
     except (TypeError, ValueError, AssertionError, KeyError, AttributeError) as err:
         raise ValueError(f"--model-config {overrides}: {preset} refuses it: {err}") from None
+
+
+def _scalar_types(hint) -> tuple | None:
+    """The Python types a config field of annotation `hint` takes, when they are plain scalars."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType",
+                                                                                          None)) else (hint,)
+    if not args or not all(a in (int, float, bool, str, type(None)) for a in args):
+        return None
+    allowed = set(args)
+    if float in allowed:
+        allowed.add(int)  # 0 for 0.0
+    return tuple(allowed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,8 +302,16 @@ def _run_corpus(args: argparse.Namespace) -> int:
             print(f"  {name}: {split.n_tokens:,} tokens in {split.n_docs:,} documents")
         print(f"  tokenizer: vocabulary {corpus.tokenizer.vocab_size:,}, special {corpus.tokenizer.special_tokens}")
         return 0
+    from llmkit.data.shards import _check_target
+    from llmkit.data.sources import source_files
+
+    # Everything that can be refused is refused before the tokenizer trains (minutes on a big corpus).
     if args.max_documents is not None and args.max_documents < 1:
         raise ValueError(f"--max-documents must be a positive integer, got {args.max_documents}")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    source_files(args.source)
+    _check_target(Path(args.output).expanduser(), args.overwrite)
     if args.tokenizer:
         tokenizer = Tokenizer.from_file(args.tokenizer)
     else:
