@@ -434,7 +434,9 @@ def test_save_is_atomic(random_kv, tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(kvmod.os, "fsync", crash)
+    from llmkit.utils import atomic
+
+    monkeypatch.setattr(atomic.os, "fsync", crash)  # the shared atomic_write does every save
     with pytest.raises(OSError, match="disk full"):
         kv.save_word2vec_format(path, binary=True)
     assert path.read_bytes() == b"previous contents"

@@ -249,7 +249,7 @@ def test_deterministic_with_one_worker_and_a_seed():
 def test_learns_topics(sg, shared):
     pytest.importorskip("llmkit.embeddings.keyed_vectors")
     model = w2v.Word2Vec(_two_topic_corpus(), vector_size=20, window=4, min_count=1, epochs=3, workers=2, sg=sg,
-                         sample=0, seed=1, progress=False, shared_negatives=shared)
+                         sample=0, seed=1, progress=False, shared_negatives=shared, compute_loss=True)
     v = model.wv.vectors / np.linalg.norm(model.wv.vectors, axis=1, keepdims=True)
     index = model.key_to_index
     a = v[[index[f"a{i}"] for i in range(10)]]
@@ -275,8 +275,16 @@ def test_corpus_file_and_folder(tmp_path):
 
 
 def test_max_vocab_size_prunes_rare_words():
-    counts, total, _ = w2v.count_words([["a"] * 50 + ["b"] * 20 + [f"r{i}" for i in range(30)]], max_vocab_size=10)
-    assert total == 100 and len(counts) <= 10 and counts["a"] == 50
+    """gensim 4.4's prune_vocab: the n-th pruning drops words counted fewer than n times, so the
+    first drops nothing and the second the words seen once."""
+    rare = [[f"r{i}"] for i in range(30)]
+    counts, total, _ = w2v.count_words([["a"] * 50 + ["b"] * 20] + rare, max_vocab_size=10)
+    assert total == 100 and counts["a"] == 50 and counts["b"] == 20
+    # prunings at r8 (nothing dropped), r9 (r0..r9: count 1 < 2), r18 (r10..r18), r27 (r19..r27)
+    assert set(counts) == {"a", "b", "r28", "r29"}
+    keep_r3 = lambda w, c, m: w2v.RULE_KEEP if w == "r3" else w2v.RULE_DEFAULT  # noqa: E731
+    counts, _, _ = w2v.count_words([["a"] * 50 + ["b"] * 20] + rare, max_vocab_size=10, trim_rule=keep_r3)
+    assert set(counts) == {"a", "b", "r3", "r26", "r27", "r28", "r29"}
 
 
 def test_bad_input(tmp_path):
@@ -328,11 +336,17 @@ def test_bad_input(tmp_path):
         _C.word2vec.train_chunk(syn0, syn1, ids, offsets, keep, noise, 2, 1, 0.01, 0.0, 10**6, 0)
 
 
+def run_cli(argv):
+    """The `llmkit` command's handler for `argv`, exceptions included (the top level turns them into one line)."""
+    from llmkit import cli
+
+    args = cli.build_parser().parse_args(argv)
+    return args.handler(args)
+
+
 def test_cli_train_eval_bias(tmp_path, capsys):
     pytest.importorskip("llmkit.embeddings.keyed_vectors")
     import json
-
-    from llmkit import cli
 
     corpus = tmp_path / "corpus.txt"
     pairs = [("she", "he"), ("woman", "man"), ("girl", "boy"), ("mother", "father"), ("her", "his")]
@@ -343,30 +357,40 @@ def test_cli_train_eval_bias(tmp_path, capsys):
         lines.append(f"{f} is a nurse and {f} said hello")
         lines.append(f"{m} is a carpenter and {m} said hello")
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = tmp_path / "vectors.bin"
-    assert cli.main(["word2vec", "train", "--corpus", str(corpus), "--out", str(out), "--binary", "--min-count", "1",
-                     "--vector-size", "16", "--epochs", "2", "--workers", "1"]) == 0
+    out, model_file = tmp_path / "vectors.bin", tmp_path / "w2v.model"
+    assert run_cli(["word2vec", "train", "--corpus", str(corpus), "-o", str(out), "--binary", "--min-count", "1",
+                    "--vector-size", "16", "--epochs", "2", "--workers", "1", "--model", str(model_file)]) == 0
     trained = json.loads(capsys.readouterr().out)
-    assert trained["vocabulary"] == 17 and trained["words"] == 2 * 1200 * 8
+    assert trained["vocabulary"] == 17 and trained["words"] == 2 * 1200 * 8 and trained["loss_per_example"] > 0
+    model = w2v.Word2Vec.load(model_file)
+    assert model.sg == 1 and model.wv.index_to_key == trained_keys(out)  # the command's default: skip-gram
     pairs_file = tmp_path / "pairs.tsv"
     pairs_file.write_text("# w1\tw2\tscore\nshe\the\t5\nnurse\tcarpenter\t3\nhello\tsaid\t1\n", encoding="utf-8")
-    assert cli.main(["word2vec", "eval", str(out), "--binary", "--pairs", str(pairs_file)]) == 0
+    assert run_cli(["word2vec", "eval", str(out), "--binary", "--pairs", str(pairs_file)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["vocabulary"] == 17 and "spearman" in report
-    assert cli.main(["embeddings", "bias", str(out), "--binary", "-n", "2"]) == 0
+    assert run_cli(["word2vec", "eval", str(model_file), "--pairs", str(pairs_file)]) == 0  # a native model file
+    assert json.loads(capsys.readouterr().out) == report
+    assert run_cli(["embeddings", "bias", str(out), "--binary", "-n", "2"]) == 0
     text = capsys.readouterr().out
     assert "nurse" in text and "carpenter" in text
-    assert cli.main(["word2vec", "eval", str(tmp_path / "missing.bin")]) == 2
     glove_out = tmp_path / "glove.txt"
-    assert cli.main(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--min-count", "1",
-                     "--vector-size", "8", "--epochs", "3", "--workers", "1", "--window", "4"]) == 0
+    assert run_cli(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--min-count", "1",
+                    "--vector-size", "8", "--epochs", "3", "--workers", "1", "--window", "4"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["vocabulary"] == 17
     from llmkit.embeddings import KeyedVectors
 
     kv = KeyedVectors.load_word2vec_format(glove_out)
     assert len(kv) == 17 and kv.vector_size == 8
-    assert cli.main(["glove", "train", "--corpus", str(corpus), "--out", str(glove_out), "--x-max", "0"]) == 2
+    with pytest.raises(ValueError, match="x_max must be a positive number"):
+        run_cli(["glove", "train", "--corpus", str(corpus), "-o", str(glove_out), "--x-max", "0"])
+
+
+def trained_keys(path):
+    from llmkit.embeddings import KeyedVectors
+
+    return KeyedVectors.load_word2vec_format(path, binary=True).index_to_key
 
 
 def test_vocabulary_order_and_retraining_match_gensim_conventions():

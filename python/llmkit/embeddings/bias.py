@@ -14,7 +14,8 @@ renormalised after each step, and equality pairs are tried in lower, Title and U
 
 Functions take an :class:`~llmkit.embeddings.KeyedVectors` and never modify it::
 
-    g, ratios = gender_direction(kv)
+    g = gender_direction(kv)                  # a unit vector (debiaswe: doPCA(...).components_[0])
+    definitional_pca(kv).explained_variance_ratio_   # how much the first component explains
     she, he = extreme_professions(kv, g)
     direct_bias(kv, g)                        # > 0 on real embeddings
     debiased = hard_debias(kv, g)             # a new KeyedVectors
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +40,8 @@ __all__ = [
     "GENDER_SPECIFIC",
     "PROFESSIONS_PATH",
     "load_professions",
+    "DefinitionalPCA",
+    "definitional_pca",
     "gender_direction",
     "project",
     "extreme_professions",
@@ -157,20 +161,26 @@ def _present_professions(kv: KeyedVectors, professions) -> list[str]:
 # the gender direction and projections
 
 
-def gender_direction(kv: KeyedVectors, pairs=DEFINITIONAL_PAIRS, num_components: int = 10):
-    """The gender direction: first principal component of the centred definitional `pairs`
-    (debiaswe's ``doPCA``).
+class DefinitionalPCA(NamedTuple):
+    """The PCA of the centred definitional pairs, with sklearn's attribute names (debiaswe's
+    ``doPCA`` returns an sklearn PCA): ``components_`` (rows: unit principal directions, the first
+    sign-fixed as :func:`gender_direction`) and ``explained_variance_ratio_``."""
 
-    For each pair whose two words are in the vocabulary (others are skipped), both unit-normalised
-    vectors are centred on the pair's mean; the PCA of these 2·n vectors (SVD, as sklearn's PCA) gives
-    the direction, unit length, its sign fixed so that ``she − he`` projects positively (``woman −
-    man`` when she/he are not both present, else the first pair's first word minus its second).
+    components_: np.ndarray
+    explained_variance_ratio_: np.ndarray
 
-    Returns ``(direction, ratios)``: a float64 unit vector and the explained-variance ratios of the
-    first ``min(num_components, 2·n, vector_size)`` components (sklearn's
-    ``explained_variance_ratio_``; the first dominates in a real embedding).
 
-    Raises ValueError, naming the missing words, when fewer than two pairs are in the vocabulary."""
+def definitional_pca(kv: KeyedVectors, pairs=DEFINITIONAL_PAIRS, num_components: int = 10) -> DefinitionalPCA:
+    """debiaswe's ``doPCA``: for each pair whose two words are in the vocabulary (others are
+    skipped), both unit-normalised vectors are centred on the pair's mean; the PCA of these 2·n
+    vectors (SVD, as sklearn's PCA) gives the components. The first is the gender direction, its
+    sign fixed so that ``she − he`` projects positively (``woman − man`` when she/he are not both
+    present, else the first pair's first word minus its second).
+
+    Returns the first ``min(num_components, 2·n, vector_size)`` components and their
+    explained-variance ratios (sklearn's ``explained_variance_ratio_``; the first dominates in a
+    real embedding). Raises ValueError, naming the missing words, when fewer than two pairs are in
+    the vocabulary."""
     if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
         raise ValueError(f"num_components must be a positive int, got {num_components!r}")
     pairs = [tuple(p) for p in pairs]
@@ -180,7 +190,7 @@ def gender_direction(kv: KeyedVectors, pairs=DEFINITIONAL_PAIRS, num_components:
     present = [p for p in pairs if p[0] in kv.key_to_index and p[1] in kv.key_to_index]
     if len(present) < 2:
         missing = sorted({w for p in pairs for w in p if w not in kv.key_to_index})
-        raise ValueError(f"gender_direction needs at least 2 definitional pairs in the vocabulary, found "
+        raise ValueError(f"the gender direction needs at least 2 definitional pairs in the vocabulary, found "
                          f"{len(present)} of {len(pairs)}; missing words: {', '.join(missing)}")
     rows = []
     for a, b in present:
@@ -194,15 +204,23 @@ def gender_direction(kv: KeyedVectors, pairs=DEFINITIONAL_PAIRS, num_components:
     total = float(variance.sum())
     if total == 0.0:
         raise ValueError("the definitional pairs are identical vectors: no direction to find")
-    ratios = variance[: min(num_components, len(variance))] / total
-    g = vt[0] / np.linalg.norm(vt[0])
-
+    k = min(num_components, len(variance))
+    components = vt[:k] / np.linalg.norm(vt[:k], axis=1, keepdims=True)
     for f, m in [("she", "he"), ("woman", "man")] + [present[0]]:
         if f in kv.key_to_index and m in kv.key_to_index:
-            if float(np.dot(_unit_vector(kv, f) - _unit_vector(kv, m), g)) < 0:
-                g = -g
+            if float(np.dot(_unit_vector(kv, f) - _unit_vector(kv, m), components[0])) < 0:
+                components[0] = -components[0]
             break
-    return g, ratios
+    return DefinitionalPCA(components, variance[:k] / total)
+
+
+def gender_direction(kv: KeyedVectors, pairs=DEFINITIONAL_PAIRS) -> np.ndarray:
+    """The gender direction ``g``: the first principal component of the centred definitional
+    `pairs`, a float64 unit vector with ``she − he`` projecting positively (debiaswe:
+    ``doPCA(pairs, E).components_[0]``). Its explained-variance ratio, and the other components,
+    are in :func:`definitional_pca`. Raises ValueError, naming the missing words, when fewer than
+    two pairs are in the vocabulary."""
+    return definitional_pca(kv, pairs, num_components=1).components_[0]
 
 
 def project(kv: KeyedVectors, words, direction) -> dict[str, float]:
@@ -287,7 +305,7 @@ def hard_debias(kv: KeyedVectors, direction=None, gender_specific=GENDER_SPECIFI
     ``e2 = nu − z g``, ``z`` negated when ``(e1 − e2)·g < 0``. Both words then project equally and
     oppositely onto ``g`` and are equidistant from every neutralized word. Finally every vector is
     renormalised (as debiaswe)."""
-    g = gender_direction(kv)[0] if direction is None else _check_direction(kv, direction)
+    g = gender_direction(kv) if direction is None else _check_direction(kv, direction)
     specific = set(gender_specific)
     vecs = _unit_rows(kv.vectors)
 
@@ -323,7 +341,8 @@ def bias_report(kv: KeyedVectors, n: int = 10, professions=None) -> str:
     """A text report like the paper's: the gender direction's explained variance, the `n` extreme
     she and he occupations side by side with their projections, and DirectBias_1 over the neutral
     professions before and after :func:`hard_debias` (measured along the same direction)."""
-    g, ratios = gender_direction(kv)
+    pca = definitional_pca(kv)
+    g, ratios = pca.components_[0], pca.explained_variance_ratio_
     she, he = extreme_professions(kv, g, professions=professions, n=n)
     if professions is None:
         neutral = None

@@ -17,6 +17,12 @@ on the C++ code in csrc/word2vec/glove_cpu.cpp (``llmkit._C.glove``):
 ``.wv`` holds W + C (the word plus the context vector, no biases), Stanford's
 default output (``-model 2``); the separate matrices, biases in the last
 column, are ``.W`` and ``.C``.
+
+``save(path)`` / ``GloVe.load(path)`` keep the whole state in one file
+(safetensors arrays and JSON metadata, written atomically): vocabulary,
+W, C, the AdaGrad sums, the counted pairs (unless saved without them) and every
+setting, so that ``train()`` continues after ``load()`` exactly as without the
+round trip.
 """
 from __future__ import annotations
 
@@ -26,7 +32,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from llmkit.utils import get_logger, progress_bar
+
+from . import _storage
 from .word2vec import LineSentence, _check_positive_int, _restartable, encode_chunks, select_vocabulary
+
+logger = get_logger(__name__)
 
 DENSE_BYTES = 256 << 20  # the dense table of frequent pairs (csrc/word2vec/glove_cpu.cpp)
 
@@ -98,9 +109,10 @@ class GloVe:
         from .keyed_vectors import KeyedVectors
 
         sentences = _restartable(sentences)
-        words, self.counts, total, n_sentences = select_vocabulary(sentences, self.min_count, self.max_vocab_size)
+        vocab = select_vocabulary(sentences, self.min_count, self.max_vocab_size)
+        words, self.counts = vocab.words, vocab.counts
         self.key_to_index = {w: i for i, w in enumerate(words)}
-        self.corpus_total_words, self.corpus_count = total, n_sentences
+        self.corpus_total_words, self.corpus_count = vocab.total_words, vocab.sentences
         self.retained_words = int(self.counts.sum())
         # glove.c's init: every entry (biases too) uniform in [-0.5, 0.5) / dim; AdaGrad sums at 1.
         gen = torch.Generator().manual_seed(self.seed)
@@ -123,7 +135,6 @@ class GloVe:
         """Stream the corpus through the C++ counter; keeps the pairs in ``.cooccurrence``
         ((rows, cols, values), sorted by (row, col) until training shuffles them)."""
         from llmkit import _C
-        from tqdm import tqdm
 
         if self.wv is None:
             raise RuntimeError("build_vocab() first (or pass the corpus to GloVe(...))")
@@ -134,8 +145,8 @@ class GloVe:
         counter = _C.glove.CooccurrenceCounter(len(self.key_to_index), self.window, self.symmetric,
                                                self.distance_weighting, self.workers, self.dense_bytes)
         c_seconds = 0.0
-        bar = tqdm(total=self.retained_words, unit="word", unit_scale=True, desc="glove counts",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=self.retained_words, unit="word", unit_scale=True, desc="glove counts",
+                           disable=not self.progress)
         with bar:
             for ids, offsets in self._encoded_chunks(sentences):
                 t = time.perf_counter()
@@ -149,7 +160,8 @@ class GloVe:
             raise ValueError("no co-occurring pairs: every sentence has fewer than 2 words in the vocabulary "
                              f"(min_count={self.min_count})")
         self.cooccurrence = (rows, cols, values)
-        self.cooccurrence_stats = {"pairs": rows.numel(), "words": counter.words, "seconds": time.perf_counter() - start,
+        self.cooccurrence_stats = {"pairs": rows.numel(), "words": counter.words,
+                                   "seconds": time.perf_counter() - start,
                                    "counting_seconds": c_seconds, "dense_cells": counter.dense_cells,
                                    "dense_product": counter.dense_product}
         return self
@@ -164,7 +176,6 @@ class GloVe:
     def train(self, epochs: int | None = None) -> "GloVe":
         """Run `epochs` more AdaGrad epochs (default the constructor's) over the counted pairs."""
         from llmkit import _C
-        from tqdm import tqdm
 
         if self.cooccurrence is None:
             raise RuntimeError("count_cooccurrences() first (or pass the corpus to GloVe(...))")
@@ -172,7 +183,7 @@ class GloVe:
         _check_positive_int("epochs", epochs)
         rows, cols, values = self.cooccurrence
         start = time.perf_counter()
-        bar = tqdm(range(epochs), unit="epoch", desc="glove", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(range(epochs), unit="epoch", desc="glove", disable=not self.progress)
         for _ in bar:
             seed = (self.seed * 1_000_003 + self.epochs_trained * 7919) % 2**63
             cost = _C.glove.train_epoch(self.W, self.C, self.gradsq_W, self.gradsq_C, rows, cols, values,
@@ -185,10 +196,87 @@ class GloVe:
                                     "seconds_per_epoch": elapsed / epochs, "cost": self.losses[-1]})
         self.wv.vectors = self._output_vectors()
         self.wv.fill_norms(force=True)
+        logger.info("glove: %d epoch(s) over %d pairs in %.1f s, cost %.4f", epochs, rows.numel(), elapsed,
+                    self.losses[-1])
         return self
 
     def _output_vectors(self) -> np.ndarray:
         return (self.W[:, :-1] + self.C[:, :-1]).numpy()
+
+    # ---------------------------------------------------------- persistence --
+
+    def save(self, fname, cooccurrence: bool = True) -> None:
+        """Save the model to one file: settings, vocabulary and counts, W, C (biases in their last
+        column), the AdaGrad sums, the losses and, with `cooccurrence` (the default), the counted
+        pairs, so that :meth:`load` then :meth:`train` continues exactly (about 12 bytes a pair;
+        without them, call :meth:`count_cooccurrences` on the corpus again before training).
+        llmkit's format (safetensors arrays plus JSON metadata), written atomically."""
+        config = {name: getattr(self, name) for name in _SETTINGS}
+        state = {"corpus_count": getattr(self, "corpus_count", 0),
+                 "corpus_total_words": getattr(self, "corpus_total_words", 0),
+                 "epochs_trained": self.epochs_trained, "losses": self.losses, "training_stats": self.training_stats,
+                 "cooccurrence_stats": self.cooccurrence_stats, "has_vocabulary": self.wv is not None,
+                 "has_cooccurrence": bool(cooccurrence) and self.cooccurrence is not None}
+        header: dict = {"config": config, "state": state}
+        tensors: dict = {}
+        if self.wv is not None:
+            tensors, header["wv"] = self.wv._to_tensors(prefix="wv.")
+            for name in ("W", "C", "gradsq_W", "gradsq_C"):
+                tensors[name] = getattr(self, name).numpy()
+        if state["has_cooccurrence"]:
+            for name, tensor in zip(("rows", "cols", "values"), self.cooccurrence):
+                tensors[f"cooccurrence.{name}"] = tensor.numpy()
+        _storage.write(fname, "GloVe", header, tensors)
+
+    @classmethod
+    def load(cls, fname, *, progress: bool = True) -> "GloVe":
+        """A model saved by :meth:`save`; ValueError for another kind of file, a pickle or a damaged file."""
+        from .keyed_vectors import KeyedVectors
+
+        header, tensors = _storage.read(fname, "GloVe")
+        config, state = header.get("config"), header.get("state")
+        if not isinstance(config, dict) or not isinstance(state, dict):
+            raise ValueError(f"{fname}: no config / state in the llmkit metadata (damaged file)")
+        try:
+            model = cls(**{k: config[k] for k in _SETTINGS if k in config}, progress=progress)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{fname}: the saved settings are refused: {err}") from None
+        if state.get("has_vocabulary"):
+            if not isinstance(header.get("wv"), dict):
+                raise ValueError(f"{fname}: the vocabulary header is missing (damaged file)")
+            model.wv = KeyedVectors._from_tensors(header["wv"], tensors, fname, prefix="wv.")
+            n, d = len(model.wv), model.vector_size
+            if "count" not in model.wv.expandos or model.wv.vector_size != d:
+                raise ValueError(f"{fname}: the vocabulary does not match the settings (damaged file)")
+            model.wv._vectors = np.array(model.wv.vectors)  # writable: train() replaces it, queries cache norms
+            model.counts = np.asarray(model.wv.expandos["count"], dtype=np.int64)
+            model.key_to_index = dict(model.wv.key_to_index)
+            model.retained_words = int(model.counts.sum())
+            for name in ("W", "C", "gradsq_W", "gradsq_C"):
+                matrix = _storage.need(tensors, name, fname, (n, d + 1))
+                setattr(model, name, torch.from_numpy(np.array(matrix, dtype=np.float32)))
+        if state.get("has_cooccurrence"):
+            if model.wv is None:
+                raise ValueError(f"{fname}: co-occurrence counts without a vocabulary (damaged file)")
+            parts = [torch.from_numpy(np.array(_storage.need(tensors, f"cooccurrence.{name}", fname, (-1,))))
+                     for name in ("rows", "cols", "values")]
+            if not parts[0].numel() == parts[1].numel() == parts[2].numel():
+                raise ValueError(f"{fname}: co-occurrence rows, columns and values differ in length (damaged file)")
+            for ids in parts[:2]:
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(model.wv)):
+                    raise ValueError(f"{fname}: a co-occurrence index is outside the vocabulary (damaged file)")
+            model.cooccurrence = tuple(parts)
+        model.corpus_count = int(state.get("corpus_count", 0))
+        model.corpus_total_words = int(state.get("corpus_total_words", 0))
+        model.epochs_trained = int(state.get("epochs_trained", 0))
+        model.losses = [float(x) for x in state.get("losses", [])]
+        model.training_stats = list(state.get("training_stats", []))
+        model.cooccurrence_stats = dict(state.get("cooccurrence_stats", {}))
+        return model
+
+
+_SETTINGS = ("vector_size", "window", "min_count", "max_vocab_size", "x_max", "alpha", "learning_rate", "epochs",
+             "workers", "seed", "symmetric", "distance_weighting", "chunk_words", "dense_bytes")
 
 
 __all__ = ["GloVe"]

@@ -24,20 +24,20 @@ says so in its docstring.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from numbers import Integral
 from typing import NamedTuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from llmkit.utils import atomic_write, get_logger
+
+from . import _storage
+
+logger = get_logger(__name__)
 
 REAL = np.float32
 _KEY_TYPES = (str, int, np.integer)
@@ -228,35 +228,6 @@ def _correlations(gold, model) -> tuple[CorrelationResult, CorrelationResult]:
 
 # --------------------------------------------------------------------------------------------------
 # files
-
-
-@contextmanager
-def _atomic_write(path):
-    """A binary file object whose bytes replace `path` only when the block completes: they go to a
-    temporary file in the same directory (same filesystem, so ``os.replace`` is atomic), which is
-    synced, given `path`'s permissions, then renamed. On any error `path` is left as it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fout:
-            yield fout
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _decode(raw: bytes, encoding: str, errors: str, what: str) -> str:
@@ -936,10 +907,10 @@ class KeyedVectors:
                 raise ValueError(f"key {word!r} holds a space or newline, which the word2vec format cannot store")
         if fvocab is not None:
             counts = self.expandos[sort_attr][order]
-            with _atomic_write(fvocab) as vout:
+            with atomic_write(fvocab, "wb") as vout:
                 vout.write("".join(f"{w} {c}\n" for w, c in zip(words, counts)).encode("utf8"))
         rows = self._vectors[order]
-        with _atomic_write(fname) as fout:
+        with atomic_write(fname, "wb") as fout:
             if write_header:
                 fout.write(f"{len(words)} {self.vector_size}\n".encode("utf8"))
             if binary:
@@ -1034,3 +1005,94 @@ class KeyedVectors:
             kv.expandos["count"] = np.array([counts.get(k, 0) for k in keys], dtype=np.int64)
         return kv
 
+
+    # ---------------------------------------------------------------- native files, gensim objects
+
+    def _to_tensors(self, prefix: str = "") -> tuple[dict[str, np.ndarray], dict]:
+        """(tensors, header fields) of this object for :mod:`._storage` (shared with Word2Vec / GloVe)."""
+        if self._vectors.shape != (len(self.index_to_key), self.vector_size):
+            raise ValueError(f"vectors have shape {self._vectors.shape} but there are {len(self)} keys "
+                             f"of size {self.vector_size}")
+        tensors, key_type = _storage.encode_keys(self.index_to_key, prefix)
+        tensors[f"{prefix}vectors"] = np.asarray(self._vectors, dtype=REAL)
+        self._allocate_vecattrs()
+        for attr, values in self.expandos.items():
+            if values.dtype == object or values.dtype.kind not in "biuf":
+                raise ValueError(f"cannot save attribute {attr!r} ({values.dtype}): the native format stores "
+                                 "numeric per-key attributes only")
+            tensors[f"{prefix}expandos.{attr}"] = values
+        return tensors, {"vector_size": self.vector_size, "key_type": key_type,
+                         "expandos": sorted(self.expandos)}
+
+    @classmethod
+    def _from_tensors(cls, header: dict, tensors: dict, fname, prefix: str = "") -> "KeyedVectors":
+        vector_size = header.get("vector_size")
+        if not isinstance(vector_size, int) or vector_size <= 0:
+            raise ValueError(f"{fname}: vector_size {vector_size!r} in the header (damaged file)")
+        keys = _storage.decode_keys(tensors, prefix, header.get("key_type"), fname)
+        kv = cls(vector_size)
+        vectors = _storage.need(tensors, f"{prefix}vectors", fname, (len(keys), vector_size))
+        if vectors.dtype != REAL:
+            raise ValueError(f"{fname}: vectors are {vectors.dtype}, expected float32 (damaged file)")
+        kv.index_to_key = keys
+        kv.key_to_index = {k: i for i, k in enumerate(keys)}
+        if len(kv.key_to_index) != len(keys):
+            raise ValueError(f"{fname}: the vocabulary holds a key twice (damaged file)")
+        kv._vectors = vectors
+        for attr in header.get("expandos", []):
+            kv.expandos[attr] = _storage.need(tensors, f"{prefix}expandos.{attr}", fname, (len(keys),))
+        return kv
+
+    def save(self, fname) -> None:
+        """Save keys, vectors and per-key attributes (``count``, ...) to one file (gensim's
+        ``KeyedVectors.save`` name; llmkit's format: safetensors arrays plus JSON metadata, written
+        atomically, never a pickle). Read it back with :meth:`load`. For word2vec.c / gensim
+        interchange use :meth:`save_word2vec_format`."""
+        tensors, header = self._to_tensors()
+        _storage.write(fname, "KeyedVectors", header, tensors)
+
+    @classmethod
+    def load(cls, fname, mmap: str | None = None) -> "KeyedVectors":
+        """Load a file written by :meth:`save`. ``mmap="r"`` maps the vectors read-only from the file
+        (gensim's ``mmap='r'``: processes share the pages; the vectors cannot be modified).
+
+        Raises ValueError for a gensim pickle (convert it with :meth:`from_gensim` instead: llmkit never
+        unpickles), a word2vec-format file (:meth:`load_word2vec_format`) or a damaged file."""
+        header, tensors = _storage.read(fname, "KeyedVectors", mmap=mmap)
+        return cls._from_tensors(header, tensors, fname)
+
+    def to_gensim(self):
+        """A ``gensim.models.KeyedVectors`` with the same keys (same order), vectors and attributes.
+        Needs gensim (ImportError naming it otherwise)."""
+        from llmkit.utils import require
+
+        gensim_models = require("gensim.models", "embeddings", "KeyedVectors.to_gensim()")
+        out = gensim_models.KeyedVectors(self.vector_size, count=0, dtype=REAL)
+        out.add_vectors(list(self.index_to_key), np.array(self._vectors, dtype=REAL, copy=True),
+                        extras={attr: values.copy() for attr, values in self.expandos.items()} or None)
+        return out
+
+    @classmethod
+    def from_gensim(cls, kv) -> "KeyedVectors":
+        """A copy of a ``gensim.models.KeyedVectors`` (``gensim_model.wv``): keys in their order, vectors,
+        per-key attributes. A whole gensim ``Word2Vec`` goes through ``Word2Vec.from_gensim``."""
+        if hasattr(kv, "wv") and not hasattr(kv, "index_to_key"):
+            raise TypeError(f"from_gensim takes a gensim KeyedVectors (model.wv), got a {type(kv).__name__}; "
+                            "a gensim Word2Vec converts with llmkit.embeddings.Word2Vec.from_gensim")
+        for attr in ("index_to_key", "vectors", "vector_size"):
+            if not hasattr(kv, attr):
+                raise TypeError(f"from_gensim takes a gensim KeyedVectors, got a {type(kv).__name__} "
+                                f"(no {attr!r})")
+        out = cls(int(kv.vector_size))
+        keys = list(kv.index_to_key)
+        vectors = np.array(kv.vectors, dtype=REAL, copy=True)
+        if vectors.shape != (len(keys), out.vector_size):
+            raise ValueError(f"gensim KeyedVectors has {len(keys)} keys but vectors of shape {vectors.shape}")
+        out.index_to_key = keys
+        out.key_to_index = {k: i for i, k in enumerate(keys)}
+        out._vectors = np.ascontiguousarray(vectors)
+        for attr, values in getattr(kv, "expandos", {}).items():
+            values = np.asarray(values)
+            if len(values) == len(keys):
+                out.expandos[attr] = values.copy()
+        return out
