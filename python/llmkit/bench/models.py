@@ -1,6 +1,6 @@
 """Whole models: llmkit's GPT vs transformers' GPT2LMHeadModel, side by side.
 
-Both contenders hold the same weights (``GPT.from_hf`` of the transformers
+Both contenders hold the same weights (``GPT.from_pretrained`` of the transformers
 model) and do the same work; each case checks that they agree (loss, tokens)
 before timing.
 
@@ -53,7 +53,7 @@ def _models(preset: str, device: str):
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).to(device)
-    ours = GPT.from_hf(hf).to(device)
+    ours = GPT.from_pretrained(hf, device=device)
     return ours, hf, config
 
 
@@ -115,9 +115,12 @@ def train_case(device: str, preset: str, batch: int, seqlen: int, dtype: str, co
     def check(outputs):
         ref = outputs.get(PEER)
         tolerance = 1e-4 if dtype == "fp32" else 2e-2
-        return {name: f"loss {float(v):.5f}" + ("" if ref is None or abs(float(v) - float(ref)) <= tolerance * float(ref)
-                                                 else f" DIFFERS from {PEER}'s {float(ref):.5f}")
-                for name, v in outputs.items()}
+
+        def note(v) -> str:
+            agrees = ref is None or abs(float(v) - float(ref)) <= tolerance * float(ref)
+            return f"loss {float(v):.5f}" + ("" if agrees else f" DIFFERS from {PEER}'s {float(ref):.5f}")
+
+        return {name: note(v) for name, v in outputs.items()}
 
     contenders = [Contender(OURS, setup_ours, ours=True), Contender(FULL_LOGITS, setup_ours_full_logits)]
     if compiled:

@@ -22,7 +22,6 @@ directory that transformers loads back.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from torch import nn
 
 from ..ops.attention import flash_attention_varlen
 from .common import ModelOutput, check_input_ids, check_length, count_parameters, pad, unpad
-from .hf_io import load_hf_checkpoint, save_hf_checkpoint
+from .hf_io import PretrainedIO, apply_overrides, assign_weights, check_keys
 
 __all__ = [
     "BertConfig", "BERT", "BertForMaskedLM", "BertForPreTraining",
@@ -306,8 +305,8 @@ def _rename(name: str, table) -> str:
     raise KeyError(f"no Hugging Face name for parameter {name!r}")
 
 
-class _HFModel(nn.Module):
-    """from_hf / to_hf / presets shared by the encoder and its heads.
+class _HFModel(PretrainedIO, nn.Module):
+    """from_pretrained / save_pretrained / presets shared by the encoder and its heads.
 
     Subclasses define ``_hf_names()`` (our parameter name -> transformers'
     name, in the layout of the transformers class with a head, encoder
@@ -357,23 +356,22 @@ class _HFModel(nn.Module):
     def _build_for_checkpoint(cls, config, state: dict):
         return cls(config)
 
-    @classmethod
-    def from_hf(cls, model_or_dir, dtype: torch.dtype | None = None, **overrides):
-        """Load a transformers model object or a local checkpoint directory.
+    # from_pretrained(path_or_hf_model, dtype=None, device=None, **config_overrides) and
+    # save_pretrained(directory, tokenizer=None, ...) come from PretrainedIO (hf_io.py);
+    # from_hf / to_hf are their older names. Encoder weights must all be present
+    # and the checkpoint's encoder must have no weights the config does not use;
+    # head weights missing from the checkpoint (a classifier on a base model) are
+    # freshly initialised with a warning, other architectures' heads ignored.
 
-        Encoder weights must all be present; head weights missing from the
-        checkpoint (e.g. a classifier on a base model) are freshly
-        initialised, with a warning. The model is float32 unless ``dtype``
-        is given. ``overrides`` replace config fields (e.g. ``num_labels=3``,
-        ``hidden_dropout_prob=0.0``).
-        """
-        hf_config, state = load_hf_checkpoint(model_or_dir)
-        config = dataclasses.replace(cls.config_class.from_hf_config(hf_config), **overrides)
-        model = cls._from_hf_state(config, state)
-        return model if dtype is None else model.to(dtype)
+    @classmethod
+    def _from_hf_parts(cls, hf_config: dict, state: dict, overrides: dict):
+        config = apply_overrides(cls.config_class.from_hf_config(hf_config), overrides,
+                                 f"{cls.__name__}.from_pretrained")
+        return cls._from_hf_state(config, state)
 
     @classmethod
     def _from_hf_state(cls, config, state: dict):
+        owner = f"{cls.__name__}.from_pretrained"
         prefix = cls._hf_prefix(config.model_type)
         state = {_legacy_name(k): v for k, v in state.items()}
         # A base-model checkpoint (BertModel) has no prefix; a head model's has.
@@ -382,29 +380,24 @@ class _HFModel(nn.Module):
         model = cls._build_for_checkpoint(config, state)
         names = model._hf_names()
         ours = model.state_dict()
-        missing = [n for n in ours if names[n] not in state]
         # A head (or the pooler, absent from e.g. masked-LM checkpoints) may be new; the encoder may not.
-        head_missing = [n for n in missing if n.startswith(model._head_params + ("pooler.", "encoder.pooler."))]
-        if len(head_missing) != len(missing):
-            body = [names[n] for n in missing if n not in head_missing]
-            raise ValueError(f"the checkpoint lacks encoder weights {body[:6]}{' ...' if len(body) > 6 else ''} "
-                           f"for {cls.__name__}")
-        if head_missing:
-            warnings.warn(f"{cls.__name__}.from_hf: the checkpoint has no {[names[n] for n in head_missing]}; "
-                          "they are newly initialised (train them before use)", stacklevel=2)
-        with torch.no_grad():
-            for name, tensor in ours.items():
-                if name in missing:
-                    continue
-                src = state[names[name]]
-                if src.shape != tensor.shape:
-                    raise ValueError(f"{names[name]} has shape {tuple(src.shape)} in the checkpoint, "
-                                     f"the config says {tuple(tensor.shape)}")
-                tensor.copy_(src)
+        optional = {names[n] for n in ours if n.startswith(model._head_params + ("pooler.", "encoder.pooler."))}
+        new_heads, _ = check_keys(
+            owner, {names[n] for n in ours}, state, optional=optional,
+            benign=(r"embeddings\.(position_ids|token_type_ids)$", rf"^{prefix}\.pooler\.",
+                    r"^(cls\.predictions|lm_head)\.decoder\.(weight|bias)$"),  # buffers, the tied decoder
+            in_body=lambda k: k.startswith(prefix + "."),
+            config_hint=f"{config.model_type}, num_hidden_layers={config.num_hidden_layers}, "
+                        f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}")
+        if new_heads:
+            warnings.warn(f"{owner}: the checkpoint has no {new_heads}; they are newly initialised "
+                          "(train them before use)", stacklevel=3)
+        hf_to_ours = {hf: n for n, hf in names.items()}
+        weights = {hf_to_ours[hf]: state[hf] for hf in set(names.values()) if hf in state}
+        assign_weights(model, weights, owner, skip=[hf_to_ours[hf] for hf in new_heads], checkpoint_names=names)
         return model
 
-    def to_hf(self, directory):
-        """Write config.json + model.safetensors that transformers' ``from_pretrained`` loads."""
+    def _to_hf_parts(self) -> tuple[dict, dict]:
         config = self.config.to_hf_config()
         arch = self._HF_ARCH.get(self.config.model_type)
         if arch is None:
@@ -419,7 +412,7 @@ class _HFModel(nn.Module):
             if self._body() is self and hf.startswith(prefix):
                 hf = hf[len(prefix):]  # BertModel's own checkpoints have no prefix
             state[hf] = tensor
-        return save_hf_checkpoint(directory, config, state)
+        return config, state
 
     @staticmethod
     def _hf_prefix(model_type: str) -> str:
@@ -725,7 +718,7 @@ class BertForPreTraining(_Head):
         losses = [_token_loss(logits, labels, batch)]
         if next_sentence_label is not None:
             losses.append(F.cross_entropy(nsp_logits.float(), next_sentence_label.to(nsp_logits.device).long()))
-        losses = [l for l in losses if l is not None]
+        losses = [term for term in losses if term is not None]
         return ModelOutput(logits=batch.unpack(logits), loss=sum(losses) if losses else None,
                            last_hidden_state=batch.unpack(x), extra={"nsp_logits": nsp_logits})
 

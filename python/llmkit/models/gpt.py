@@ -37,7 +37,7 @@ from ..ops.attention import flash_attention, flash_attention_varlen
 from ..ops.activation import gelu_tanh
 from ..ops.linear import decode_linear
 from .common import ModelOutput, check_input_ids, check_length, count_parameters, format_count, unpad
-from .hf_io import load_hf_checkpoint, save_hf_checkpoint
+from .hf_io import PretrainedIO, apply_overrides, assign_weights, check_keys
 
 
 @dataclass
@@ -149,8 +149,8 @@ class GPTConfig:
 
     @property
     def hf_model_type(self) -> str:
-        if self.position == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and self.bias and self.qkv_bias \
-                and self.n_kv_head == self.n_head and self.sliding_window is None \
+        if self.position == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and self.bias \
+                and self.qkv_bias and self.n_kv_head == self.n_head and self.sliding_window is None \
                 and self.head_dim * self.n_head == self.n_embd:
             return "gpt2"
         if self.position == "rope" and self.norm == "rmsnorm" and self.mlp == "swiglu" and not self.bias:
@@ -382,7 +382,7 @@ class KVCache:
 
 # ------------------------------------------------------------------ model --
 
-class GPT(nn.Module):
+class GPT(PretrainedIO, nn.Module):
     """Decoder-only language model; see the module docstring."""
 
     def __init__(self, config: GPTConfig):
@@ -591,7 +591,6 @@ class GPT(nn.Module):
         (ops.decode_linear: ~2x MKL's weight-read bandwidth on 2 cores).
         Only taken when every layer is plain (_plain_modules).
         """
-        config = self.config
         flash_forward = torch.ops.llmkit.flash_attention_forward
         for i, block in enumerate(self.transformer.h):
             attn, mlp = block.attn, block.mlp
@@ -631,28 +630,53 @@ class GPT(nn.Module):
         return targets
 
     # ------------------------------------------------------ Hugging Face --
-    @classmethod
-    def from_hf(cls, model_or_dir, dtype: torch.dtype | None = None) -> "GPT":
-        """A GPT with the weights of a transformers GPT2LMHeadModel / LlamaForCausalLM /
-        MistralForCausalLM / Qwen2ForCausalLM (a model object or a local directory)."""
-        hf_config, state = load_hf_checkpoint(model_or_dir)
-        config = GPTConfig.from_hf_config(hf_config)
-        model = cls(config)
-        model.load_state_dict(_state_from_hf(config, state), strict=True)
-        return model.to(dtype) if dtype is not None else model
+    # from_pretrained(path_or_hf_model, dtype=None, device=None, **config_overrides) and
+    # save_pretrained(directory, tokenizer=None, ...) come from PretrainedIO (hf_io.py);
+    # from_hf / to_hf are their older names.
 
-    def to_hf(self, directory) -> None:
-        """Write a directory transformers loads with AutoModelForCausalLM.from_pretrained."""
-        save_hf_checkpoint(directory, self.config.to_hf_config(), _state_to_hf(self.config, self.state_dict()))
+    @classmethod
+    def _from_hf_parts(cls, hf_config: dict, state: dict, overrides: dict) -> "GPT":
+        """A GPT with the weights of a transformers GPT2LMHeadModel / LlamaForCausalLM /
+        MistralForCausalLM / Qwen2ForCausalLM checkpoint (keys checked both ways)."""
+        config = apply_overrides(GPTConfig.from_hf_config(hf_config), overrides, "GPT.from_pretrained")
+        model = cls(config)
+        hf = {_normalized_hf_name(k): v for k, v in state.items()}
+        # Messages name tensors as the checkpoint (or, for missing ones, transformers) spells them.
+        shown = {_normalized_hf_name(k): k for k in _state_to_hf(config, model.state_dict())}
+        shown.update({_normalized_hf_name(k): k for k in state})
+        expected = {_normalized_hf_name(k) for k in _state_to_hf(config, model.state_dict())}
+        bodies = {k.split(".")[0] for k in expected}
+        check_keys("GPT.from_pretrained", expected, hf, benign=_BENIGN_HF_KEYS + (
+            (r"^lm_head\.weight$",) if config.tie_word_embeddings else ()),
+            in_body=lambda k: k.split(".")[0] in bodies, shown_as=shown,
+            config_hint=f"{config.hf_model_type}, n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                        f"vocab_size={config.vocab_size}")
+        assign_weights(model, _state_from_hf(config, hf), "GPT.from_pretrained")
+        return model
+
+    def _to_hf_parts(self) -> tuple[dict, dict]:
+        return self.config.to_hf_config(), _state_to_hf(self.config, self.state_dict())
 
 
 # ---------------------------------------------- checkpoint name mapping --
 
+# Checkpoint names transformers ignores too: GPT-2's causal-mask buffers (saved by
+# transformers < 4.3x), RoPE's inverse frequencies (older Llama checkpoints).
+_BENIGN_HF_KEYS = (r"(^|\.)attn\.(bias|masked_bias)$", r"rotary_emb\.inv_freq$")
+
+
+def _normalized_hf_name(name: str) -> str:
+    """GPT2LMHeadModel keeps the body under ``transformer.``, LlamaForCausalLM under ``model.``,
+    the bare GPT2Model / LlamaModel under nothing: one name for all three."""
+    if name.startswith("lm_head."):
+        return name
+    return name.removeprefix("model.").removeprefix("transformer.")
+
+
 def _state_from_hf(config: GPTConfig, hf: dict) -> dict:
-    hf = {k.removeprefix("model.") if not k.startswith("lm_head") else k: v for k, v in hf.items()}
+    """Our state dict from checkpoint tensors under normalized names (see _normalized_hf_name)."""
     out = {}
     if config.hf_model_type == "gpt2":
-        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
         out["transformer.wte.weight"] = hf["wte.weight"]
         out["transformer.wpe.weight"] = hf["wpe.weight"]
         for i in range(config.n_layer):
@@ -679,8 +703,8 @@ def _state_from_hf(config: GPTConfig, hf: dict) -> dict:
             out[q + "mlp.c_fc.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
             out[q + "mlp.c_proj.weight"] = hf[p + "mlp.down_proj.weight"]
         out["transformer.ln_f.weight"] = hf["norm.weight"]
-    out["lm_head.weight"] = hf["lm_head.weight"] if "lm_head.weight" in hf and not config.tie_word_embeddings \
-        else out["transformer.wte.weight"]
+    # Tied: the head is the embedding (a saved lm_head copy is ignored, as transformers does).
+    out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_word_embeddings else hf["lm_head.weight"]
     return out
 
 

@@ -153,7 +153,8 @@ class Longformer(BERT):
         copies of the local ones. Takes a transformers RoBERTa model (base or
         with the masked-LM head), a local checkpoint directory, or an llmkit
         RoBERTa model. On inputs within RoBERTa's length and a window covering
-        them, the result computes exactly what RoBERTa does.
+        them, the result computes exactly what RoBERTa does. Returned in eval
+        mode (call ``train()`` to continue pretraining).
         """
         if isinstance(roberta_model_or_dir, _HFModel):
             src = roberta_model_or_dir
@@ -187,7 +188,7 @@ class Longformer(BERT):
         learned = old[offset:]
         table[offset:] = learned.repeat(math.ceil(max_positions / learned.shape[0]), 1)[:max_positions]
         converted[key] = table
-        return cls._from_hf_state(config, converted)
+        return cls._from_hf_state(config, converted).eval()  # eval mode, as every loaded model
 
 
 class LongformerForMaskedLM(BertForMaskedLM):

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ops import flash_attention
 from .common import ModelOutput, check_input_ids, count_parameters
-from .hf_io import load_hf_checkpoint, save_hf_checkpoint
+from .hf_io import PretrainedIO, apply_overrides, assign_weights, check_keys
 
 IGNORE_INDEX = -100  # label value the loss skips (as transformers)
 
@@ -298,7 +298,7 @@ class DecoderCache:
 
 # ------------------------------------------------------------------- model --
 
-class T5(nn.Module):
+class T5(PretrainedIO, nn.Module):
     """T5 encoder-decoder with a language-modelling head (T5ForConditionalGeneration)."""
 
     def __init__(self, config: T5Config):
@@ -547,31 +547,34 @@ class T5(nn.Module):
             names["lm_head.weight"] = "lm_head.weight"
         return names
 
+    # from_pretrained(path_or_hf_model, dtype=None, device=None, **config_overrides) and
+    # save_pretrained(directory, tokenizer=None, ...) come from PretrainedIO (hf_io.py);
+    # from_hf / to_hf are their older names.
+
+    # Checkpoint names transformers ignores too: the stacks' copies of the shared
+    # embedding, and a relative-attention table on the first cross-attention that
+    # the original T5 checkpoints carry but no layer reads.
+    _BENIGN_HF_KEYS = (r"^(encoder|decoder)\.embed_tokens\.weight$",
+                       r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
+
     @classmethod
-    def from_hf(cls, model_or_dir) -> "T5":
-        """From a transformers T5ForConditionalGeneration object or a local
-        checkpoint directory (nothing is downloaded)."""
-        hf_config, state = load_hf_checkpoint(model_or_dir)
-        model = cls(T5Config.from_hf_config(hf_config))
+    def _from_hf_parts(cls, hf_config: dict, state: dict, overrides: dict) -> "T5":
+        """From a transformers T5ForConditionalGeneration object or checkpoint (keys checked both ways)."""
+        owner = "T5.from_pretrained"
+        model = cls(apply_overrides(T5Config.from_hf_config(hf_config), overrides, owner))
         names = model._hf_names()
-        if model.lm_head is not None and "lm_head.weight" not in state:
+        if model.lm_head is not None and "lm_head.weight" not in state and "shared.weight" in state:
             state = dict(state, **{"lm_head.weight": state["shared.weight"]})  # saved tied by transformers >= 5
-        missing = [hf for hf in names.values() if hf not in state]
-        if missing:
-            raise KeyError(f"the checkpoint lacks {len(missing)} T5 weights, e.g. {missing[:3]}")
-        ours = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, hf_name in names.items():
-                tensor = state[hf_name]
-                if tensor.shape != ours[name].shape:
-                    raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} does not match the "
-                                     f"config's {tuple(ours[name].shape)}")
-                ours[name].copy_(tensor)
+        benign = cls._BENIGN_HF_KEYS + ((r"^lm_head\.weight$",) if model.lm_head is None else ())
+        bodies = {k.split(".")[0] for k in names.values()}
+        c = model.config
+        check_keys(owner, names.values(), state, benign=benign, in_body=lambda k: k.split(".")[0] in bodies,
+                   config_hint=f"num_layers={c.num_layers}, num_decoder_layers={c.num_decoder_layers}, "
+                               f"d_model={c.d_model}, vocab_size={c.vocab_size}")
+        assign_weights(model, {name: state[hf] for name, hf in names.items()}, owner, checkpoint_names=names)
         return model
 
-    def to_hf(self, directory):
-        """Write config.json + model.safetensors that
-        ``transformers.T5ForConditionalGeneration.from_pretrained`` loads."""
+    def _to_hf_parts(self) -> tuple[dict, dict]:
+        """config.json + the state ``transformers.T5ForConditionalGeneration.from_pretrained`` loads."""
         params = dict(self.named_parameters())
-        state = {hf: params[name] for name, hf in self._hf_names().items()}
-        return save_hf_checkpoint(directory, self.config.to_hf_config(), state)
+        return self.config.to_hf_config(), {hf: params[name] for name, hf in self._hf_names().items()}
