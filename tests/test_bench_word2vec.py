@@ -66,3 +66,32 @@ def test_word2vec_bench_cuda_verdict_compares_with_our_cpu_trainer():
         lines = w2v_bench._verdicts({"gensim": peer, "llmkit": cpu, "llmkit cuda": gpu}, quick=False)
         line = next(v for v in lines if v.startswith("llmkit cuda: ") and "our CPU trainer" in v)
         assert f"{gpu_wps / 9e5:.1f}x our CPU trainer" in line and line.endswith(f"{verdict})")
+
+
+def test_glove_bench_writes_its_figures(monkeypatch, tmp_path):
+    monkeypatch.setattr(w2v_bench, "QUICK_WORDS", 40_000)
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run_from_args(parser.parse_args(["glove", "--quick", "-o", str(tmp_path)])) == 0
+    written = sorted(tmp_path.iterdir())
+    assert sorted(p.suffix for p in written) == [".json", ".png", ".txt"]
+    result = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    runs = {r["x_max"]: r for r in result["contenders"]}
+    assert set(runs) == set(w2v_bench.GLOVE_X_MAX) and result["hyperparameters"]["epochs"] == 3
+    for r in runs.values():
+        assert r["pairs"] > 10_000 and r["vocabulary"] > 100 and r["count_cpp_seconds"] <= r["count_seconds"]
+        assert r["seconds_per_epoch"] == pytest.approx(r["train_seconds"] / 3)
+        assert 0.0 <= r["analogy_accuracy"] <= 1.0 and -1.0 <= r["spearman"] <= 1.0
+    assert runs[100.0]["pairs"] == runs[10.0]["pairs"]  # x_max weighs the pairs, it does not change them
+    assert runs[100.0]["final_cost"] != runs[10.0]["final_cost"]
+    table = next(p for p in written if p.suffix == ".txt").read_text()
+    assert "llmkit GloVe x_max=100" in table and "llmkit GloVe x_max=10 " in table
+
+
+def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(w2v_bench, "optional", lambda name: None)
+    result = {"contenders": [{"contender": "llmkit GloVe x_max=10", "analogy_accuracy": 0.1, "spearman": 0.3,
+                              "seconds_per_epoch": 1.0}], "corpus": {"words": 1}, "hyperparameters": {"epochs": 1}}
+    with caplog.at_level("WARNING", logger="llmkit"):
+        assert w2v_bench.write_glove_plot(result, tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists() and "matplotlib is not installed" in caplog.text

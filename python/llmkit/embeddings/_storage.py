@@ -31,7 +31,7 @@ _META_KEY = "llmkit"
 _PICKLE_HINT = {
     "KeyedVectors": "llmkit.embeddings.KeyedVectors.from_gensim(gensim.models.KeyedVectors.load(path))",
     "Word2Vec": "llmkit.embeddings.Word2Vec.from_gensim(gensim.models.Word2Vec.load(path))",
-    "GloVe": "KeyedVectors.from_gensim(...) for its vectors",
+    "GloVe": "gensim has no GloVe model; GloVe.load reads the files GloVe.save writes",
 }
 
 
@@ -102,9 +102,10 @@ def read(fname, kind: str, mmap: str | None = None) -> tuple[dict[str, Any], dic
     with open(fname, "rb") as f:  # FileNotFoundError / PermissionError as they are
         head = f.read(16)
     if head[:1] == b"\x80":
+        advice = (f"if you trust the file, load it with gensim and convert: {_PICKLE_HINT[kind]}" if kind != "GloVe"
+                  else _PICKLE_HINT[kind])
         raise ValueError(f"{fname} is a Python pickle (gensim's save() format), not an llmkit file; llmkit never "
-                         "unpickles (loading a pickle can run arbitrary code). If you trust the file, load it with "
-                         f"gensim and convert: {_PICKLE_HINT[kind]}")
+                         f"unpickles (loading a pickle can run arbitrary code); {advice}")
     not_ours = (f"{fname} is not an llmkit {kind} file (expected a safetensors file written by {kind}.save; "
                 "word2vec.c / GloVe text or binary vectors load with KeyedVectors.load_word2vec_format)")
     try:

@@ -1068,8 +1068,12 @@ class KeyedVectors:
 
         gensim_models = require("gensim.models", "embeddings", "KeyedVectors.to_gensim()")
         out = gensim_models.KeyedVectors(self.vector_size, count=0, dtype=REAL)
-        out.add_vectors(list(self.index_to_key), np.array(self._vectors, dtype=REAL, copy=True),
-                        extras={attr: values.copy() for attr, values in self.expandos.items()} or None)
+        out.add_vectors(list(self.index_to_key), np.array(self._vectors, dtype=REAL, copy=True))
+        self._allocate_vecattrs()
+        # set one by one: gensim 4.4's add_vectors(extras=dict) iterates the dict as pairs and fails
+        out.allocate_vecattrs(list(self.expandos), [values.dtype.type for values in self.expandos.values()])
+        for attr, values in self.expandos.items():
+            out.expandos[attr][:] = values
         return out
 
     @classmethod
