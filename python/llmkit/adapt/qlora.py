@@ -6,32 +6,40 @@ bnb_4bit_use_double_quant=True)``, ``prepare_model_for_kbit_training``,
 ``get_peft_model``): each targeted linear layer becomes a
 :class:`~llmkit.nn.Linear4bit` (NF4, double quant, blocks of 64) wrapped in a
 :class:`~llmkit.nn.LoraLinear`; everything but the adapters is frozen. The
-paper's defaults are the defaults here: r=64, alpha=16, dropout 0.05, all
-linear layers. Layers that are not targeted (the output head under
-"all-linear") stay in full precision, as transformers leaves ``lm_head``.
+LoRA settings are PEFT's ``LoraConfig`` fields (a config, or the fields as
+keywords); without a config the paper's values are the defaults: r=64,
+lora_alpha=16, lora_dropout=0.05, all linear layers. Layers that are not
+targeted (the output head under "all-linear") stay in full precision, as
+transformers leaves ``lm_head``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from ..nn.linear4bit import Linear4bit
-from ..nn.lora import check_lora_args
-from .lora import ALL_LINEAR, TargetModules, apply_lora, find_target_modules, lora_layers, replace_module
+from .config import LoraConfig
+from .lora import ALL_LINEAR, _config_from_call, apply_lora, find_target_modules, lora_layers, replace_module
+
+# The QLoRA paper's LoRA settings: the defaults when prepare_qlora gets no config.
+QLORA_DEFAULTS = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
 
 
-def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
-                  target_modules: TargetModules = ALL_LINEAR, compute_dtype=None,
-                  gradient_checkpointing: bool = False, blocksize: int = 64, rslora: bool = False) -> nn.Module:
+def prepare_qlora(model: nn.Module, config: LoraConfig | Any = None, adapter_name: str = "default",
+                  compute_dtype=None, gradient_checkpointing: bool = False, blocksize: int = 64,
+                  **fields: Any) -> nn.Module:
     """Quantize the targeted linear layers of `model` to NF4 and put LoRA on
     them (in place); returns `model`.
 
     Args:
-        r, alpha, dropout, rslora: the LoRA settings (as :func:`apply_lora`).
-        target_modules: as :func:`apply_lora`; default every linear layer but
-            the output head.
+        config: a :class:`~llmkit.adapt.LoraConfig` or ``peft.LoraConfig`` --
+            or none, and its fields as keywords (``r``, ``lora_alpha``,
+            ``lora_dropout``, ``target_modules``, ``use_rslora``, ...; default
+            the paper's: r=64, lora_alpha=16, lora_dropout=0.05, "all-linear").
+        adapter_name: as :func:`~llmkit.adapt.apply_lora`.
         compute_dtype: dtype of the 4-bit matmuls (bitsandbytes'
             ``bnb_4bit_compute_dtype``); default each layer's weight dtype.
         gradient_checkpointing: call transformers'
@@ -41,25 +49,22 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
         blocksize: NF4 block size (double quant always on, blocks of 256).
     """
     # Check everything before the first layer is quantized: an error leaves the model as it was.
-    check_lora_args(r, alpha, dropout)
+    if config is None:
+        fields = {**QLORA_DEFAULTS, **fields}
+    config = _config_from_call(config, fields, "prepare_qlora")
     if lora_layers(model):
         raise ValueError(f"{type(model).__name__} already has LoRA layers; prepare_qlora takes a plain model")
     if gradient_checkpointing and not any(callable(getattr(model, name, None)) for name in (
             "activation_checkpointing_enable", "gradient_checkpointing_enable")):
         raise TypeError(f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
                         f"(transformers' PreTrainedModel); {type(model).__name__} has none")
-    names = find_target_modules(model, target_modules)
+    names = find_target_modules(model, config.target_modules, config.exclude_modules)
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, Linear4bit):
             replace_module(model, name, Linear4bit.from_linear(module, compute_dtype=compute_dtype,
                                                                blocksize=blocksize, double_quant=True))
-    # Resolved names, not the user's spec: the quantized layers are exactly the targets.
-    apply_lora(model, target_modules=names, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    if isinstance(target_modules, str) and target_modules.lower() != ALL_LINEAR:
-        model.llmkit_lora.target_modules = target_modules  # save the regex as the user gave it
-    elif not isinstance(target_modules, str):
-        model.llmkit_lora.target_modules = list(target_modules)
+    apply_lora(model, config, adapter_name=adapter_name)  # the same targets: the quantized layers
     if gradient_checkpointing:
         # transformers 5 renamed it activation_checkpointing_enable (the old name warns).
         if callable(getattr(model, "activation_checkpointing_enable", None)):
@@ -112,7 +117,7 @@ def qlora_memory_report(model: nn.Module) -> QLoRAMemoryReport:
             quant_bytes += m.nbytes()
             special.add(id(m.weight))
     for layer in lora_layers(model).values():
-        for p in (layer.lora_A, layer.lora_B):
+        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
             lora_params += p.numel()
             lora_bytes += p.numel() * p.element_size()
             special.add(id(p))
@@ -127,4 +132,4 @@ def qlora_memory_report(model: nn.Module) -> QLoRAMemoryReport:
     return QLoRAMemoryReport(quant_params, quant_bytes, lora_params, lora_bytes, other_params, other_bytes)
 
 
-__all__ = ["prepare_qlora", "qlora_memory_report", "QLoRAMemoryReport"]
+__all__ = ["prepare_qlora", "qlora_memory_report", "QLoRAMemoryReport", "QLORA_DEFAULTS"]
