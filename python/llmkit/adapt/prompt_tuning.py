@@ -12,7 +12,11 @@ losses and saved files are the same:
 * ``SoftPrompt.embedding`` is an ``nn.Embedding(num_virtual_tokens, dim)``
   (PEFT's ``PromptEmbedding.embedding``), kept in float32 and cast to the
   input embeddings' dtype in ``forward``.
-* Initialisation (PEFT's ``PromptTuningInit``): ``random`` is ``nn.Embedding``'s
+* Initialisation (PEFT's ``PromptTuningInit``): giving ``init_text`` means
+  ``text`` (with a tokenizer), giving none means ``random``; an ``init`` that
+  contradicts the other arguments (``"random"`` with an ``init_text``,
+  ``"text"`` without one or without a tokenizer, a tokenizer with nothing to
+  tokenize) is an error, never a silent fallback. ``random`` is ``nn.Embedding``'s
   N(0, 1); ``text`` tokenizes the text *with* the tokenizer's special tokens
   (``tokenizer(text)["input_ids"]``), cuts the ids to ``num_virtual_tokens`` or
   repeats the whole list and cuts it, and copies the model's word embeddings of
@@ -30,7 +34,14 @@ losses and saved files are the same:
   sequence classification the head (PEFT's ``modules_to_save``: children
   named ``classifier`` / ``score``) is stored too, as
   ``base_model.<module path>.<param>``. ``PeftModel.from_pretrained`` loads
-  our directories and ``load_prompt`` loads PEFT's.
+  our directories and ``load_prompt`` loads PEFT's. A save replaces the
+  directory as a whole (:func:`llmkit.utils.atomic_directory`): whenever the
+  process dies, the directory holds the old prompt or the new one, never new
+  weights beside an old config.
+* ``get_peft_model(model, PromptTuningConfig(...))``: PEFT's config (ours,
+  :class:`llmkit.adapt.PromptTuningConfig`, or peft's) works as PEFT's does,
+  including PEFT's training of a SEQ_CLS head. ``with model.disable_adapter():``
+  runs the base model without the prompt.
 
 What the wrapped model must offer (Hugging Face models do; llmkit's own models
 need only this): ``get_input_embeddings()`` returning a module with a
@@ -45,16 +56,18 @@ not supported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
-import tempfile
 import warnings
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from ..utils import atomic_directory, recover_directory
 
 __all__ = [
     "SoftPrompt",
@@ -85,6 +98,34 @@ def _normalize_init(init: str) -> str:
     if key not in INITS:
         raise ValueError(f"init must be one of {sorted(INITS)} (or PEFT's {sorted(INITS.values())}), got {init!r}")
     return key
+
+
+def resolve_init(init: str | None, init_text: str | None, tokenizer: Any) -> str:
+    """The init the arguments ask for, or ValueError when they are incomplete or contradict.
+
+    ``init=None``: ``"text"`` when `init_text` is given, else ``"random"``. A
+    tokenizer with no `init_text`, an `init_text` or tokenizer with ``"random"``
+    / ``"sample_vocab"`` (which would ignore them), and ``"text"`` without both
+    are errors: a prompt is never silently initialised otherwise than asked.
+    """
+    if init_text is not None and not isinstance(init_text, str):
+        raise TypeError(f"init_text must be a str, got {type(init_text).__name__}")
+    if init is None:
+        if init_text is None and tokenizer is not None:
+            raise ValueError("a tokenizer was given without init_text: TEXT init needs the text to embed "
+                             "(init_text=...); for a random prompt, drop the tokenizer")
+        init = "text" if init_text is not None else "random"
+    init = _normalize_init(init)
+    if init == "text":
+        missing = [name for name, v in (("init_text", init_text), ("tokenizer", tokenizer)) if v is None]
+        if missing:
+            raise ValueError(f"init='text' needs init_text and tokenizer; missing: {', '.join(missing)}")
+    elif init_text is not None or tokenizer is not None:
+        given = [name for name, v in (("init_text", init_text), ("tokenizer", tokenizer)) if v is not None]
+        raise ValueError(f"init={init!r} does not use {' and '.join(given)}, which were given: contradictory "
+                         "arguments. For a prompt initialised from text, pass init_text and tokenizer (and "
+                         "init='text' or no init)")
+    return init
 
 
 def _check_num_virtual_tokens(num_virtual_tokens: int) -> int:
@@ -130,7 +171,9 @@ class SoftPrompt(nn.Module):
         dim: their width, the model's input-embedding width.
         init: ``"random"`` (N(0, 1), ``nn.Embedding``'s default), ``"text"``
             (embeddings of ``init_text``'s tokens) or ``"sample_vocab"``
-            (embeddings of random vocabulary ids); PEFT's upper-case names work too.
+            (embeddings of random vocabulary ids); PEFT's upper-case names work
+            too. None (default): ``"text"`` if `init_text` is given, else
+            ``"random"`` (see :func:`resolve_init`).
         word_embeddings: the model's input embedding module; needed by
             ``"text"`` and ``"sample_vocab"``.
         init_text: the text for ``"text"``.
@@ -142,18 +185,14 @@ class SoftPrompt(nn.Module):
     callers cast.
     """
 
-    def __init__(self, num_virtual_tokens: int, dim: int, init: str = "random",
+    def __init__(self, num_virtual_tokens: int, dim: int, init: str | None = None,
                  word_embeddings: nn.Module | None = None, init_text: str | None = None,
                  tokenizer: Any = None):
         super().__init__()
         num_virtual_tokens = _check_num_virtual_tokens(num_virtual_tokens)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        init = _normalize_init(init)
-        if init == "text":
-            if init_text is None or tokenizer is None:
-                missing = [name for name, v in (("init_text", init_text), ("tokenizer", tokenizer)) if v is None]
-                raise ValueError(f"init='text' needs init_text and tokenizer; missing: {', '.join(missing)}")
+        init = resolve_init(init, init_text, tokenizer)
         if init != "random" and word_embeddings is None:
             raise ValueError(f"init={init!r} copies rows of the model's word embeddings; pass word_embeddings")
 
@@ -265,6 +304,7 @@ class PromptTunedModel(nn.Module):
         self.task_type = task_type
         self.prompt_config = dict(prompt_config)
         self.head_names: list[str] = []
+        self._prompt_disabled = False
         for param in base_model.parameters():
             param.requires_grad_(False)
         if train_head:
@@ -292,6 +332,18 @@ class PromptTunedModel(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return _input_embeddings(self.base_model)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the ``with`` block, ``forward`` and ``generate`` run the base
+        model on the input alone, without the prompt (PEFT's
+        ``disable_adapter``); restored on exit, on exceptions too."""
+        before = self._prompt_disabled
+        self._prompt_disabled = True
+        try:
+            yield
+        finally:
+            self._prompt_disabled = before
 
     def get_prompt(self, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The virtual tokens' embeddings for a batch, (batch_size, n, dim), in `dtype`."""
@@ -330,6 +382,10 @@ class PromptTunedModel(nn.Module):
                 front for sequence classification and are dropped otherwise;
                 ``position_ids`` are dropped (PEFT's prompt-tuning behaviour).
         """
+        if self._prompt_disabled:  # disable_adapter(): the base model, as called
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                     "inputs_embeds": inputs_embeds}
+            return self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
         if kwargs.get("position_ids") is not None:
             warnings.warn("position_ids are ignored with prompt tuning (as in PEFT)", stacklevel=2)
         kwargs.pop("position_ids", None)
@@ -373,6 +429,8 @@ class PromptTunedModel(nn.Module):
             raise ValueError(f"generate needs a causal LM, this prompt is for {self.task_type}")
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} has no generate()")
+        if self._prompt_disabled:  # disable_adapter(): the base model, as called
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("pass input_ids to generate; inputs_embeds are built here (prompt + input_ids)")
         if input_ids is None or input_ids.dim() != 2:
@@ -399,40 +457,68 @@ class PromptTunedModel(nn.Module):
         return out
 
 
-def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init_text: str | None = None,
-                        tokenizer: Any = None, init: str = "random", task_type: str | None = None,
-                        train_head: bool = False) -> PromptTunedModel:
+def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int | None = None, init_text: str | None = None,
+                        tokenizer: Any = None, init: str | None = None, task_type: str | None = None,
+                        train_head: bool | None = None, *, config: Any = None) -> PromptTunedModel:
     """Freeze `model` and put a trainable soft prompt in front of its input.
 
-    The counterpart of ``get_peft_model(model, PromptTuningConfig(...))``.
+    The counterpart of ``get_peft_model(model, PromptTuningConfig(...))``::
+
+        apply_prompt_tuning(model, num_virtual_tokens=20, init_text="Classify the review:", tokenizer=tokenizer)
+        apply_prompt_tuning(model, config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
 
     Args:
         model: a decoder-only causal LM or an encoder model (a transformers
             model, or any model with ``get_input_embeddings()`` and a forward
             taking ``inputs_embeds=``).
         num_virtual_tokens: prompt length (>= 1).
-        init_text, tokenizer: for ``init="text"`` (the tokenizer may be a name
-            or path; its ``name_or_path`` is recorded in the saved config).
+        init_text, tokenizer: TEXT init: the prompt starts as the embeddings of
+            ``init_text``'s tokens (the tokenizer may be a name or path; its
+            ``name_or_path`` is recorded in the saved config).
         init: ``"random"``, ``"text"`` or ``"sample_vocab"`` (PEFT's
-            ``PromptTuningInit``).
+            ``PromptTuningInit``); None: ``"text"`` when `init_text` is given,
+            else ``"random"``. Contradictory or incomplete arguments raise
+            ValueError (see :func:`resolve_init`).
         task_type: ``"CAUSAL_LM"``, ``"SEQ_CLS"`` or ``"FEATURE_EXTRACTION"``;
             inferred from a transformers class name when None.
         train_head: sequence classification only: also train the ``classifier``
             / ``score`` head, as PEFT's ``PeftModelForSequenceClassification``
             does (its ``modules_to_save``); the head is trained in place.
-            Off by default: only the prompt trains. Either way
+            Default: off (only the prompt trains), but with a `config` PEFT's
+            behaviour (on for a SEQ_CLS model that has such a head). Either way
             :func:`save_prompt` stores the head of a sequence classifier.
+        config: instead of the arguments above (but `tokenizer` and
+            `train_head`), a :class:`llmkit.adapt.PromptTuningConfig`, a
+            ``peft.PromptTuningConfig`` or its dict; TEXT init loads
+            ``tokenizer_name_or_path`` unless `tokenizer` is given.
 
     Returns:
         a :class:`PromptTunedModel` on the device of the model's embeddings.
     """
-    init = _normalize_init(init)
+    if config is not None:
+        from .config import as_prompt_tuning_config
+
+        given = [name for name, v in (("num_virtual_tokens", num_virtual_tokens), ("init_text", init_text),
+                                      ("init", init), ("task_type", task_type)) if v is not None]
+        if given:
+            raise TypeError(f"apply_prompt_tuning: give either config or {', '.join(given)}, not both")
+        cfg = as_prompt_tuning_config(config)
+        if cfg.num_virtual_tokens is None:
+            raise ValueError("the PromptTuningConfig has no num_virtual_tokens")
+        num_virtual_tokens, task_type, init = cfg.num_virtual_tokens, cfg.task_type, cfg.prompt_tuning_init
+        if init == "TEXT":
+            init_text = cfg.prompt_tuning_init_text
+            if tokenizer is None:
+                tokenizer = cfg.tokenizer_name_or_path
+        if train_head is None and (task_type or _infer_task_type(model)) == "SEQ_CLS":
+            train_head = bool(_classifier_modules(model))  # PeftModelForSequenceClassification's modules_to_save
+    init = resolve_init(init, init_text, tokenizer)
     word_embeddings = _input_embeddings(model)
     task_type = _infer_task_type(model) if task_type is None else str(getattr(task_type, "value", task_type))
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
     tokenizer_name = None
-    if init == "text" and tokenizer is not None:
+    if init == "text":
         tokenizer = _load_tokenizer(tokenizer)
         tokenizer_name = getattr(tokenizer, "name_or_path", None) or None
     dim = word_embeddings.weight.shape[1]
@@ -451,27 +537,7 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init_text: st
         "tokenizer_name_or_path": tokenizer_name,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
     }
-    return PromptTunedModel(model, soft_prompt, task_type, prompt_config, train_head=train_head)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write `path` through a temp file in its directory and ``os.replace``.
-
-    A crash or an exception leaves the previous file (if any) untouched and no
-    temp file behind: readers see the old file or the new one, never a part.
-    """
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return PromptTunedModel(model, soft_prompt, task_type, prompt_config, train_head=bool(train_head))
 
 
 def save_prompt(model: PromptTunedModel, directory: str | os.PathLike) -> None:
@@ -483,10 +549,10 @@ def save_prompt(model: PromptTunedModel, directory: str | os.PathLike) -> None:
     ``base_model.<name>.<param>`` (trained or not: PEFT always writes it and
     its loader requires it);
     ``adapter_config.json`` holds PEFT's ``PromptTuningConfig`` fields with
-    ``inference_mode: true``. Each file is replaced atomically, weights first,
-    so an interrupted save leaves every file whole (at worst new weights
-    beside the old config, which ``load_prompt`` rejects if the shapes
-    changed). The directory is created if missing.
+    ``inference_mode: true``. The directory is replaced as a whole
+    (:func:`llmkit.utils.atomic_directory`, created if missing; the user's
+    other files in it are kept): an interrupted save leaves the previous
+    prompt, both files, untouched.
 
     PEFT refuses a TEXT config without ``tokenizer_name_or_path``; when the
     tokenizer had no name (built in memory) the config says ``RANDOM`` and
@@ -500,7 +566,6 @@ def save_prompt(model: PromptTunedModel, directory: str | os.PathLike) -> None:
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"{directory} is a file; save_prompt needs a directory")
-    os.makedirs(directory, exist_ok=True)
 
     tensors = {PROMPT_KEY: model.soft_prompt.embedding.weight.detach().to("cpu", torch.float32).contiguous()}
     # PEFT saves the SEQ_CLS head whether trained or not, and its loader fails without it.
@@ -523,12 +588,14 @@ def save_prompt(model: PromptTunedModel, directory: str | os.PathLike) -> None:
         "modules_to_save": list(CLASSIFIER_MODULE_NAMES) if model.task_type == "SEQ_CLS" else None,
     })
     blob = safetensors_save(tensors, metadata={"format": "pt"})
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda f: f.write(blob))
     text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(text.encode("utf-8")))
+    with atomic_directory(directory, discard=(LEGACY_WEIGHTS_NAME,)) as tmp:
+        (tmp / WEIGHTS_NAME).write_bytes(blob)
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 def _read_prompt_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    recover_directory(directory)  # a save killed mid-way (two-rename fallback) is put back first
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"prompt directory {directory} does not exist")
