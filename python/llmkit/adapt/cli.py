@@ -1,48 +1,80 @@
 """`llmkit adapter info|merge`: inspect a PEFT adapter directory, merge one into a model.
 
     llmkit adapter info ADAPTER_DIR
-    llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
+    llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR -o OUT_DIR [--device auto|cpu|cuda|cuda:N]
 
-MODEL_DIR is a local transformers model directory (config.json + weights;
-nothing is downloaded); the merged model is written with
-``save_pretrained`` (safetensors), loadable by transformers without llmkit or
-PEFT (PEFT's ``merge_and_unload`` + ``save_pretrained``).
+``info`` prints the config essentials and tensor inventory of a LoRA or
+prompt-tuning adapter directory as JSON (named adapters that PEFT saved in
+sub-directories are listed). ``merge`` loads the local transformers model
+directory MODEL_DIR (config.json + weights; nothing is downloaded), merges
+the LoRA adapter on DEVICE and writes the merged model with
+``save_pretrained`` (safetensors) to OUT_DIR, atomically: loadable by
+transformers without llmkit or PEFT (PEFT's ``merge_and_unload`` +
+``save_pretrained``). ``--out`` is kept as an alias of ``-o/--output``.
+
+User mistakes (a missing directory, a directory that is not an adapter, an
+adapter for another model) raise FileNotFoundError / ValueError /
+NotImplementedError with a message saying what is wrong; the ``llmkit``
+command prints it as one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
+
+from ..utils import atomic_directory
+from ..utils.cliargs import add_device_argument, add_output_argument, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
-    info = commands.add_parser("info", help="print an adapter's config and tensors")
+    info = commands.add_parser("info", help="print an adapter's config and tensors as JSON")
     info.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     merge = commands.add_parser("merge", help="merge a LoRA adapter into a model directory and save the result")
     merge.add_argument("--model", required=True, help="local transformers model directory")
     merge.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT's format)")
-    merge.add_argument("--out", required=True, help="directory for the merged model")
+    add_output_argument(merge, required=True, aliases=("--out",), help="directory for the merged model")
+    add_device_argument(merge, help="where to merge: auto (CUDA when available), cpu, cuda or cuda:N "
+                                    "(default: %(default)s)")
+
+
+def _require_directory(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a directory")
 
 
 def adapter_info(directory: str) -> dict:
     """The config essentials and tensor inventory of an adapter directory (LoRA or prompt tuning)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    _require_directory(directory, "adapter directory")
     config_path = os.path.join(directory, "adapter_config.json")
+    named = sorted(e for e in os.listdir(directory)
+                   if os.path.isfile(os.path.join(directory, e, "adapter_config.json")))
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no adapter_config.json in {directory!r} (not a PEFT adapter directory)")
-    with open(config_path) as f:
-        config = json.load(f)
+        hint = f"; named adapters are in its sub-directories {named}" if named else ""
+        raise FileNotFoundError(f"no adapter_config.json in {directory!r} (not a PEFT adapter directory{hint})")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not a config object")
     weights = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no adapter_model.safetensors in {directory!r}")
     tensors = {}
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():
-            t = f.get_slice(key)
-            tensors[key] = {"shape": list(t.get_shape()), "dtype": t.get_dtype()}
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                tensors[key] = {"shape": list(t.get_shape()), "dtype": t.get_dtype()}
+    except SafetensorError as exc:
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
     params = 0
     for t in tensors.values():
         n = 1
@@ -51,39 +83,54 @@ def adapter_info(directory: str) -> dict:
         params += n
     keys = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
             "num_virtual_tokens", "token_dim", "prompt_tuning_init", "base_model_name_or_path")
-    return {"config": {k: config[k] for k in keys if k in config}, "parameters": params, "tensors": len(tensors),
-            "first_tensors": dict(list(tensors.items())[:6])}
+    out = {"config": {k: config[k] for k in keys if k in config}, "parameters": params, "tensors": len(tensors),
+           "first_tensors": dict(list(tensors.items())[:6])}
+    if named:
+        out["named_adapters"] = named
+    return out
 
 
-def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:
-    """Load the model in `model_dir`, merge the LoRA adapter of `adapter_dir`, save to `out_dir`."""
-    import transformers
-
+def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str, device: str = "cpu") -> str:
+    """Load the model in `model_dir` on `device`, merge the LoRA adapter of `adapter_dir`,
+    save to `out_dir` (atomically, the user's other files there kept); returns the model class name."""
     from .lora import merge_lora
     from .peft_format import load_adapter, read_adapter_config
 
+    _require_directory(model_dir, "model directory")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"no config.json in {model_dir!r} (a local transformers model directory is needed)")
+    _require_directory(adapter_dir, "adapter directory")
     read_adapter_config(adapter_dir)  # a clear error for a non-LoRA adapter before the model loads
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)),
-                       transformers.AutoModel)
-    model = model_class.from_pretrained(model_dir)
-    load_adapter(model, adapter_dir)
+    if os.path.realpath(out_dir) in (os.path.realpath(model_dir), os.path.realpath(adapter_dir)):
+        raise ValueError(f"the output directory {out_dir!r} is the model or adapter directory; pick another one "
+                         "(the merged weights would replace the base model's)")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError("llmkit adapter merge needs transformers: pip install 'llmkit[hf]'") from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        architectures = getattr(config, "architectures", None) or []
+        model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)),
+                           transformers.AutoModel)
+        model = model_class.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot load the transformers model in {model_dir!r}: {exc}") from None
+    model.to(device)
+    load_adapter(model, adapter_dir)  # ValueError naming the module / shape when the adapter is for another model
     merge_lora(model)
-    model.save_pretrained(out_dir)
+    # Weight files of an earlier save are not carried over: stale shards beside new weights would mix.
+    with atomic_directory(out_dir, discard=("model*.safetensors", "model.safetensors.index.json",
+                                            "pytorch_model*.bin", "pytorch_model.bin.index.json")) as tmp:
+        model.save_pretrained(tmp)
     return type(model).__name__
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.adapter_command == "info":
-            print(json.dumps(adapter_info(args.adapter), indent=2))
-        else:
-            name = merge_adapter(args.model, args.adapter, args.out)
-            print(f"merged {args.adapter} into {name} from {args.model}; saved to {args.out}")
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
-        print(f"llmkit adapter: {err}", file=sys.stderr)
-        return 2
+    if args.adapter_command == "info":
+        print(json.dumps(adapter_info(args.adapter), indent=2))
+    else:
+        device = resolve_device(args.device)
+        name = merge_adapter(args.model, args.adapter, args.output, device=device)
+        print(f"merged {args.adapter} into {name} from {args.model} on {device}; saved to {args.output}")
     return 0
