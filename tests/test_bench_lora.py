@@ -26,6 +26,8 @@ def test_lora_bench_quick_matches_peft_and_reports_ratios():
     opts = _quick()
     cases = bench.cases(opts)
     assert [c.params["base"] for c in cases] == ["dense", "dense", "nf4"]
+    assert [c.params["lora_dropout"] for c in cases] == [0.0, 0.05, 0.0]  # PEFT's names in the results
+    assert cases[0].params["r"] == 16 and cases[0].params["lora_alpha"] == 16
     dense = harness.run_case(cases[0], opts)
     rows = {m.contender: m for m in dense.measurements}
     assert set(rows) == {"llmkit", "peft", "frozen layer"} and all(m.ok for m in rows.values())

@@ -1,7 +1,7 @@
 """LoRA forward+backward: llmkit's fused lora_linear vs PEFT, over a dense and an NF4 base.
 
 `llmkit bench lora`. One frozen layer (4096x4096; 1024x1024 with --quick),
-LoRA r=16, alpha 16, 2048 tokens (256 with --quick), x requiring grad as in
+LoRA r=16, lora_alpha=16 (PEFT's names throughout), 2048 tokens (256 with --quick), x requiring grad as in
 a network (the gradient flows on to earlier layers). Each call is one
 forward and one backward; adapter grads are reset between calls.
 Contenders on the same weights and input:
@@ -23,7 +23,7 @@ from .harness import Benchmark, Case, Contender, RunOptions
 from .nf4 import packed_bytes, state_bytes
 
 OURS = "llmkit"
-RANK, ALPHA = 16, 16
+R, LORA_ALPHA = 16, 16
 SHAPE, QUICK_SHAPE = (4096, 4096), (1024, 1024)
 TOKENS, QUICK_TOKENS = 2048, 256
 CUDA_TOKENS = 8192
@@ -46,8 +46,8 @@ def _make_inputs(in_f, out_f, tokens, device, dtype, nf4):
 
         gen = torch.Generator().manual_seed(0)
         w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(device, dtype)
-        A = (torch.rand(RANK, in_f, generator=gen) * 2 - 1).div(math.sqrt(in_f)).to(device, dtype)
-        B = (torch.randn(out_f, RANK, generator=gen) * 0.01).to(device, dtype)  # nonzero: the path is real
+        A = (torch.rand(R, in_f, generator=gen) * 2 - 1).div(math.sqrt(in_f)).to(device, dtype)
+        B = (torch.randn(out_f, R, generator=gen) * 0.01).to(device, dtype)  # nonzero: the path is real
         x = torch.randn(tokens, in_f, generator=gen).to(device, dtype)
         dy = torch.randn(tokens, out_f, generator=gen).to(device, dtype)
         t = {"w": w, "A": A, "B": B, "x": x, "dy": dy}
@@ -58,7 +58,7 @@ def _make_inputs(in_f, out_f, tokens, device, dtype, nf4):
     return make
 
 
-def _peft_model(t, nf4: bool, dropout: float):
+def _peft_model(t, nf4: bool, lora_dropout: float):
     import peft
 
     out_f, in_f = t["w"].shape
@@ -72,7 +72,7 @@ def _peft_model(t, nf4: bool, dropout: float):
     else:
         layer = nn.Linear(in_f, out_f, bias=False, device=t["w"].device, dtype=t["w"].dtype)
         layer.weight.data.copy_(t["w"])
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["proj"])
+    config = peft.LoraConfig(r=R, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout, target_modules=["proj"])
     model = peft.get_peft_model(_OneLayer(layer).to(t["x"].device), config)
     lora = model.base_model.model.proj
     lora.lora_A["default"].weight.data.copy_(t["A"])
@@ -92,7 +92,7 @@ def _fwd_bwd(forward, x, dy, params):
     return call
 
 
-def _contender(name: str, nf4: bool, dropout: float) -> Contender:
+def _contender(name: str, nf4: bool, lora_dropout: float) -> Contender:
     def setup(t):
         import llmkit
 
@@ -102,10 +102,10 @@ def _contender(name: str, nf4: bool, dropout: float) -> Contender:
         if name == OURS:
             A = t["A"].clone().requires_grad_()
             B = t["B"].clone().requires_grad_()
-            return _fwd_bwd(lambda x: llmkit.ops.lora_linear(x, base, None, A, B, ALPHA / RANK, dropout), x, dy,
-                            [A, B])
+            return _fwd_bwd(lambda x: llmkit.ops.lora_linear(x, base, None, A, B, LORA_ALPHA / R, lora_dropout), x,
+                            dy, [A, B])
         if name == "peft":
-            model, params = _peft_model(t, nf4, dropout)
+            model, params = _peft_model(t, nf4, lora_dropout)
             return _fwd_bwd(model, x, dy, params)
         if name == "frozen layer":
             if nf4:
@@ -117,7 +117,7 @@ def _contender(name: str, nf4: bool, dropout: float) -> Contender:
     return Contender(name, setup, ours=name == OURS)
 
 
-def _check(dropout: float):
+def _check(lora_dropout: float):
     def check(outputs: dict) -> dict[str, str]:
         if OURS not in outputs:
             return {}
@@ -130,7 +130,7 @@ def _check(dropout: float):
             parts = [f"y {rel(y2, y):.1g}", f"dx {rel(dx2, dx):.1g}"]
             if dA2 is not None:
                 parts.append(f"dA {rel(dA2, dA):.1g}")
-            what = " (dropout masks differ)" if dropout and name == "peft" else ""
+            what = " (dropout masks differ)" if lora_dropout and name == "peft" else ""
             notes[name] = "max rel diff vs llmkit: " + ", ".join(parts) + what
         return notes
 
@@ -145,25 +145,26 @@ def lora_cases(opts: RunOptions) -> list[Case]:
         in_f, out_f = QUICK_SHAPE if opts.quick else SHAPE
         tokens = (QUICK_TOKENS if opts.quick else TOKENS) if device == "cpu" else CUDA_TOKENS
         numel = in_f * out_f
-        for nf4, dropout in ((False, 0.0), (False, 0.05), (True, 0.0)):
+        for nf4, lora_dropout in ((False, 0.0), (False, 0.05), (True, 0.0)):
             base = "nf4" if nf4 else str(dtype).removeprefix("torch.")
             notes = []
             if nf4:
                 per_param = (packed_bytes(numel) + state_bytes(numel, True)) / numel
                 notes.append(f"QLoRA base weight: {per_param:.4f} bytes/parameter (NF4 + double-quantized absmax)")
-            names = [OURS, "peft"] + (["frozen layer"] if dropout == 0.0 else [])
+            names = [OURS, "peft"] + (["frozen layer"] if lora_dropout == 0.0 else [])
             cases.append(Case(
-                name=f"lora fwd+bwd {base} {in_f}x{out_f} r{RANK} tokens {tokens}"
-                     + (f" dropout {dropout}" if dropout else ""),
+                name=f"lora fwd+bwd {base} {in_f}x{out_f} r{R} tokens {tokens}"
+                     + (f" dropout {lora_dropout}" if lora_dropout else ""),  # the name results and README quote
                 device=device,
                 bytes_in=4 * tokens * numel,  # FLOPs of the base layer's forward + input-gradient products
                 bytes_moved=tokens * (in_f + out_f) * dtype.itemsize * 3,
-                contenders=[_contender(n, nf4, dropout) for n in names],
+                contenders=[_contender(n, nf4, lora_dropout) for n in names],
                 make_inputs=_make_inputs(in_f, out_f, tokens, device, dtype, nf4),
-                params={"op": "lora_linear fwd+bwd", "in_features": in_f, "out_features": out_f, "rank": RANK,
-                        "alpha": ALPHA, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
-                        "base": "nf4" if nf4 else "dense", "dropout": dropout, "rate_column": "GB/s in = GFLOP/s"},
-                check=_check(dropout),
+                params={"op": "lora_linear fwd+bwd", "in_features": in_f, "out_features": out_f, "r": R,
+                        "lora_alpha": LORA_ALPHA, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
+                        "base": "nf4" if nf4 else "dense", "lora_dropout": lora_dropout,
+                        "rate_column": "GB/s in = GFLOP/s"},
+                check=_check(lora_dropout),
                 notes=notes,
                 max_call_s=30.0,
                 budget_s=None if opts.quick else 10.0,  # ~1 s calls: 10 samples each, not 3
@@ -173,7 +174,7 @@ def lora_cases(opts: RunOptions) -> list[Case]:
 
 register(Benchmark(
     name="lora",
-    description=f"LoRA r={RANK} forward+backward over a frozen layer: llmkit lora_linear vs PEFT "
+    description=f"LoRA r={R} forward+backward over a frozen layer: llmkit lora_linear vs PEFT "
                 "(GB/s in column = GFLOP/s of the base products)",
     cases=lora_cases,
 ))
