@@ -17,8 +17,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q "$TORCH_SPEC"
 # build tools (--no-build-isolation: the extension must see the installed torch),
 # runtime deps, and the references that tests and benchmarks compare against
-pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.22" \
-    numpy tqdm matplotlib safetensors tokenizers pytest "bitsandbytes==0.50.*" transformers accelerate peft "gensim==4.4.*"
+# (the same set as pyproject's [test] extra, with the peers pinned to the versions the tests know)
+pip install -q "scikit-build-core>=1.1,<2" "pybind11>=2.12" ninja "cmake>=3.22" \
+    numpy tqdm safetensors tokenizers matplotlib scipy pytest "pytest-markdown-docs>=0.9" \
+    "bitsandbytes==0.50.*" transformers accelerate peft "gensim==4.4.*"
 
 # A wrapper nvcc on PATH can confuse CMake's toolkit discovery: point at the toolkit.
 if [ -z "${CUDACXX:-}" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then

@@ -8,9 +8,14 @@ of an undefined-symbol crash.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import torch
 
-__version__ = "0.1.0"
+try:  # one source: the installed metadata (0.1.0+torch2.14.1.cu130; cmake/llmkit_metadata.py writes it)
+    __version__ = importlib.metadata.version("llmkit")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that pip never installed
+    __version__ = "0+unknown"
 
 _REBUILD_HINT = "rebuild llmkit against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
 
