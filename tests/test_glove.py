@@ -171,7 +171,9 @@ def test_train_epoch_cost_and_shuffle_are_deterministic():
     torch.testing.assert_close(W.double(), state[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(GC.double(), state[3], rtol=1e-4, atol=1e-5)
     # A permutation of the same records.
-    key = lambda r, c: sorted(zip(r.tolist(), c.tolist()))
+    def key(r, c):
+        return sorted(zip(r.tolist(), c.tolist()))
+
     assert key(r2, c2) == key(*sorted_copy[:2])
 
 

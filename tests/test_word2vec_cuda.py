@@ -168,7 +168,7 @@ def test_loss_decreases(sg):
 def test_learns_topics(sg):
     pytest.importorskip("llmkit.embeddings.keyed_vectors")
     model = w2v.Word2Vec(_two_topic_corpus(), vector_size=20, window=4, min_count=1, epochs=3, sg=sg, sample=0,
-                         seed=1, progress=False, device="cuda")
+                         seed=1, progress=False, device="cuda", compute_loss=True)
     assert isinstance(model.wv.vectors, np.ndarray)  # the vectors come back to the host
     assert np.isfinite(model.wv.vectors).all()
     within, across = _topic_gap(model.wv.vectors, model.key_to_index)
@@ -181,7 +181,8 @@ def test_learns_topics(sg):
 def test_quality_matches_the_cpu_trainer(sg):
     pytest.importorskip("llmkit.embeddings.keyed_vectors")
     corpus = _two_topic_corpus()
-    kw = dict(vector_size=20, window=4, min_count=1, epochs=3, sg=sg, sample=0, seed=1, progress=False)
+    kw = dict(vector_size=20, window=4, min_count=1, epochs=3, sg=sg, sample=0, seed=1, progress=False,
+              compute_loss=True)
     cpu = w2v.Word2Vec(corpus, workers=2, shared_negatives=True, **kw)
     gpu = w2v.Word2Vec(corpus, device="cuda", **kw)
     cpu_within, cpu_across = _topic_gap(cpu.wv.vectors, cpu.key_to_index)
@@ -192,6 +193,29 @@ def test_quality_matches_the_cpu_trainer(sg):
     gpu_loss = gpu.training_stats[-1]["loss_per_example"]
     assert gpu_loss == pytest.approx(cpu_loss, rel=0.1)
     assert gpu.training_stats[-1]["examples"] == pytest.approx(cpu.training_stats[-1]["examples"], rel=0.02)
+
+
+def test_callbacks_see_the_gpu_weights_and_a_saved_model_trains_on(tmp_path):
+    """Each epoch end brings the GPU's weights back to .wv / syn1neg for the callbacks; a model
+    trained on the GPU saves, loads on the CPU and trains further there."""
+    corpus = _two_topic_corpus(600)
+    seen = []
+
+    class Snapshot:
+        def on_epoch_end(self, model):
+            seen.append((model.wv.vectors.copy(), model.syn1neg.clone()))
+
+    model = w2v.Word2Vec(corpus, vector_size=16, window=4, min_count=1, epochs=2, sg=1, seed=1, progress=False,
+                         device="cuda", callbacks=[Snapshot()])
+    assert len(seen) == 2 and not np.array_equal(seen[0][0], seen[1][0])
+    np.testing.assert_array_equal(seen[1][0], model.wv.vectors)
+    assert torch.equal(seen[1][1], model.syn1neg) and model.syn1neg.abs().sum() > 0
+    model.save(tmp_path / "gpu.model")
+    loaded = w2v.Word2Vec.load(tmp_path / "gpu.model")
+    np.testing.assert_array_equal(loaded.wv.vectors, model.wv.vectors)
+    assert loaded.device.type == "cpu"
+    loaded.train(corpus, total_examples=loaded.corpus_count, epochs=1)
+    assert np.isfinite(loaded.wv.vectors).all() and not np.array_equal(loaded.wv.vectors, model.wv.vectors)
 
 
 def test_runs_on_a_side_stream():

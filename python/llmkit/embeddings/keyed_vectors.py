@@ -13,8 +13,11 @@ attributes such as ``count``. It follows gensim 4.4 method by method:
   ``evaluate_word_pairs`` (wordsim353.tsv, simlex999.txt), with gensim's
   rules for restrict_vocab, case folding and out-of-vocabulary questions;
 - files: ``save_word2vec_format`` / ``load_word2vec_format``, the text and
-  binary formats of word2vec.c, byte for byte what gensim writes, saved
-  atomically.
+  binary formats of word2vec.c, byte for byte what gensim writes; ``save`` /
+  ``load`` (gensim's names), llmkit's own single file (safetensors arrays and
+  JSON metadata, never a pickle; ``mmap="r"`` maps the vectors read-only);
+  every save atomic (``llmkit.utils.atomic_write``);
+- gensim objects: ``to_gensim()`` / ``from_gensim()``.
 
 Where gensim silently does something odd, this class raises instead (unknown
 keys in ``n_similarity``, negative ``topn``, malformed files); each such place
