@@ -138,3 +138,11 @@ def test_user_mistakes_raise_clear_errors(model_and_adapter, tmp_path_factory):
         merge(model, str(tmp / "prompt"), str(tmp / "o"))
     with pytest.raises(SystemExit):  # argparse's own usage error (exit status 2)
         handle(["adapter", "merge", "--model", model, "--adapter", adapter, "-o", str(tmp / "o"), "--device", "tpu"])
+
+
+def test_the_command_prints_one_line_and_exits_2(tmp_path, capsys):
+    """Through `llmkit`'s main: the user's mistake is one line on stderr, no traceback."""
+    assert cli.main(["adapter", "info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"llmkit adapter: error: adapter directory '{tmp_path / 'missing'}' "
+                                        "does not exist"]
