@@ -228,14 +228,15 @@ def test_default_out_dir_uses_git_root(kit, tmp_path, monkeypatch):
 def test_cli_bench_arguments(kit, tmp_path):
     parser = kit.cli.build_parser()
     args = parser.parse_args(["bench", "nf4", "--quick", "--out", str(tmp_path), "--repeats", "2"])
-    assert (args.names, args.quick, args.out, args.repeats) == (["nf4"], True, tmp_path, 2)
+    assert (args.names, args.quick, args.output, args.repeats) == (["nf4"], True, str(tmp_path), 2)
+    assert parser.parse_args(["bench", "nf4", "-o", "x"]).output == "x"
     assert args.handler is kit.cli._bench
 
     opts = kit.bench.options_from_args(args)
     assert (opts.quick, opts.repeats, opts.min_repeats, opts.budget_s) == (True, 2, 2, 1.0)
 
     defaults = parser.parse_args(["bench"])
-    assert defaults.names == [] and defaults.out is None and not defaults.quick
+    assert defaults.names == [] and defaults.output is None and not defaults.quick
     assert kit.bench.options_from_args(defaults).repeats == 10
     assert kit.bench.options_from_args(parser.parse_args(["bench", "--device", "cpu"])).devices == ("cpu",)
 
@@ -255,5 +256,13 @@ def test_cli_info_and_demo_subcommands(kit):
 
 def test_unknown_benchmark_lists_the_registered_ones(kit):
     assert "nf4" in kit.bench.registered()
-    with pytest.raises(SystemExit, match="unknown benchmark.*available: .*nf4"):
+    with pytest.raises(ValueError, match="unknown benchmark.*available: .*nf4"):
         kit.bench.main(["no-such-bench"])
+
+
+def test_bench_without_names_lists_instead_of_running(kit, capsys):
+    assert kit.cli.main(["bench"]) == 0
+    out = capsys.readouterr().out
+    for name in ("nf4", "attention", "lora", "word2vec", "models", "pretrain"):
+        assert f"  {name} " in out
+    assert "llmkit bench all" in out

@@ -35,10 +35,32 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
+
+from llmkit.utils import atomic_write, get_logger, optional, progress_bar
+from llmkit.utils.cliargs import add_output_argument
+
+log = get_logger(__name__)
+OUTPUT_DIR: Path | None = None  # -o/--output; None: bench/results under the git root (else the cwd)
+
+
+def output_dir() -> Path:
+    from llmkit.bench.harness import default_out_dir
+
+    out = OUTPUT_DIR or default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_figure(fig, name: str) -> str:
+    """Write a matplotlib figure as PNG into the output directory (atomically); return its path."""
+    path = output_dir() / name
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+    return str(path)
 
 BLOCKSIZE = 64
 BATCH = 32
@@ -54,10 +76,11 @@ class DemoLayer:
     in_features: int
 
 
-def gpt2_like_linear() -> DemoLayer:
-    layer = torch.nn.Linear(4096, 4096)
+def gpt2_like_linear(size: int = 4096) -> DemoLayer:
+    layer = torch.nn.Linear(size, size)
     torch.nn.init.normal_(layer.weight, mean=0.0, std=0.02)  # GPT-2's init for Linear weights
-    return DemoLayer("nn.Linear(4096, 4096), GPT-2 init", "Linear", layer.weight.detach(), lambda x, w: x @ w.T, 4096)
+    return DemoLayer(f"nn.Linear({size}, {size}), GPT-2 init", "Linear", layer.weight.detach(), lambda x, w: x @ w.T,
+                     size)
 
 
 def gpt2_c_fc() -> DemoLayer | str:
@@ -85,7 +108,7 @@ def state_nbytes(state) -> int:
 STEPS = ("quantize", "dequantize", "weight error", "layer output", "bitsandbytes")
 
 
-def round_trip(layer: DemoLayer, bar: tqdm) -> list[str]:
+def round_trip(layer: DemoLayer, bar) -> list[str]:
     """Quantize, dequantize and measure one layer; return report lines."""
     from llmkit import ops
     from llmkit.bench.nf4 import compare_quantized
@@ -138,7 +161,7 @@ def round_trip(layer: DemoLayer, bar: tqdm) -> list[str]:
     ]
 
 
-def gpt2_on_llmkit_attention() -> list[str]:
+def gpt2_on_llmkit_attention(seqlen: int = 512) -> list[str]:
     """Same GPT-2 weights through transformers' SDPA and through llmkit's kernel."""
     try:
         import transformers
@@ -154,21 +177,21 @@ def gpt2_on_llmkit_attention() -> list[str]:
     ours = transformers.GPT2LMHeadModel._from_config(copy.deepcopy(config), attn_implementation="llmkit").eval()
     ours.load_state_dict(reference.state_dict())
     calls_before = llmkit_hf.kernel_calls()
-    ids = torch.randint(0, config.vocab_size, (2, 512))
+    ids = torch.randint(0, config.vocab_size, (2, seqlen))
     with torch.no_grad():
         expected = reference(ids).logits
         got = ours(ids).logits
     on_kernel = llmkit_hf.kernel_calls() - calls_before
     diff = (got - expected).abs().max().item()
-    return [f"GPT-2 (4 layers, 8 heads x 64, 2 x 512 tokens), attn_implementation='llmkit' vs 'sdpa':",
+    return [f"GPT-2 (4 layers, 8 heads x 64, 2 x {seqlen} tokens), attn_implementation='llmkit' vs 'sdpa':",
             f"  max |logit difference| {diff:.2e} (scale of logits {expected.abs().max().item():.2f}); "
             f"{on_kernel} attention calls ran on llmkit's kernel"]
 
 
-def sliding_window_with_global_token() -> list[str]:
+def sliding_window_with_global_token(seqlen: int = 8192) -> list[str]:
     from llmkit.ops import flash_attention
 
-    seqlen, heads, head_dim, window = 8192, 8, 64, (256, 256)
+    heads, head_dim, window = 8, 64, (256, 256)
     q, k, v = (torch.randn(1, seqlen, heads, head_dim) for _ in range(3))
     glob = torch.zeros(1, seqlen, dtype=torch.bool)
     glob[0, 0] = True  # a [CLS]-like token that sees, and is seen by, every token
@@ -215,7 +238,7 @@ def qlora_finetune(steps: int = 60) -> list[str]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc="QLoRA fine-tune", file=sys.stderr, leave=False):
+    for _ in progress_bar(range(steps), desc="QLoRA fine-tune", leave=False):
         starts = torch.randint(0, data.numel() - seqlen - 1, (batch,))
         ids = torch.stack([data[s:s + seqlen] for s in starts])
         loss = model(ids, labels=ids).loss
@@ -236,27 +259,20 @@ def qlora_finetune(steps: int = 60) -> list[str]:
 
 
 def _save_loss_plot(losses: list[float], title: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from llmkit.bench.harness import default_out_dir
-    except ImportError:
+    if optional("matplotlib") is None:
+        log.warning("matplotlib is not installed: no loss-curve PNG (pip install 'llmkit[plot]')")
         return None
-    out_dir = default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "demo-qlora-loss.png"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/byte)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, "demo-qlora-loss.png")
 
 
 # (a, b, c, expected): a - b + c should be near `expected` (3CosAdd, as gensim's most_similar).
@@ -269,7 +285,7 @@ DEMO_PCA_PAIRS = [("man", "woman"), ("king", "queen"), ("he", "she"), ("brother"
                   ("son", "daughter"), ("boy", "girl"), ("uncle", "aunt"), ("husband", "wife"), ("lord", "lady")]
 
 
-def word_embeddings() -> list[str]:
+def word_embeddings(quick: bool = False) -> list[str]:
     """word2vec skip-gram on the shipped corpus: analogies, neighbours, scores, the bias table, a PCA plot."""
     from llmkit.data import english_corpus_sentences
     from llmkit.embeddings import Word2Vec
@@ -314,16 +330,12 @@ def word_embeddings() -> list[str]:
 
 def _save_pca_plot(kv, pairs) -> str | None:
     """The pairs' unit vectors projected on their first two principal components, an arrow per pair."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from llmkit.bench.harness import default_out_dir
-    except ImportError:
+    if optional("matplotlib") is None:
+        log.warning("matplotlib is not installed: no PCA plot (pip install 'llmkit[plot]')")
         return None
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     pairs = [(a, b) for a, b in pairs if a in kv and b in kv]
     if len(pairs) < 2:
@@ -333,10 +345,9 @@ def _save_pca_plot(kv, pairs) -> str | None:
     x = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     xy = x @ vt[:2].T
-    out_dir = default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "demo-word2vec-pca.png"
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig = Figure(figsize=(6.5, 5), layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for i in range(len(pairs)):
         (x0, y0), (x1, y1) = xy[2 * i], xy[2 * i + 1]
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="tab:gray", lw=0.8))
@@ -346,13 +357,10 @@ def _save_pca_plot(kv, pairs) -> str | None:
     ax.set_title("word2vec on llmkit's corpus: PCA of he/she-type pairs (arrows point male -> female)", fontsize=9)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, "demo-word2vec-pca.png")
 
 
-def transformer_models() -> list[str]:
+def transformer_models(quick: bool = False) -> list[str]:
     """GPT-2 and Llama checkpoints (random weights, built from configs) in llmkit's GPT:
     same logits as transformers, a round trip through a checkpoint directory,
     and greedy generation token for token equal to transformers' generate."""
@@ -451,31 +459,30 @@ DEMO_MASKED = ["the ship sailed across the [MASK].", "she was the [MASK] of the 
                "the capital of france is [MASK]."]
 
 
-def pretraining(documents: int = 20_000) -> list[str]:
+def pretraining(documents: int = 20_000, steps: int = 500) -> list[str]:
     """Pretrain a small GPT and a small BERT on the shipped corpus; loss curves and samples."""
     import shutil
     import tempfile
     from pathlib import Path
 
-    from llmkit.bench.harness import default_out_dir
     from llmkit.train import TrainConfig
     from llmkit.train.pipeline import pretrain
     from llmkit.train.samples import complete, mask_candidates
 
     lines = [f"Pretraining from scratch on the shipped corpus (first {documents:,} documents; tokenizers "
              "trained on them, cached under ~/.cache/llmkit):"]
-    out_dir = default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_dir()
+    every = max(steps // 4, 1)
     runs = [
         ("GPT, causal LM", "gpt-tiny", dict(n_layer=4, n_head=4, n_embd=128, block_size=128), {},
-         dict(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30)),
+         dict(steps=steps, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=min(30, steps // 5))),
         ("BERT, masked LM (whole words)", "bert-tiny", dict(max_position_embeddings=128), {"whole_word": True},
-         dict(steps=500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30)),
+         dict(steps=steps, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=min(30, steps // 5))),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, preset, overrides, objective_options, train in runs:
             print(f"pretraining {label} ({preset}) ...", file=sys.stderr)
-            config = TrainConfig(out_dir=str(Path(tmp) / preset), eval_every=125, eval_samples=128, seed=0,
+            config = TrainConfig(out_dir=str(Path(tmp) / preset), eval_every=every, eval_samples=128, seed=0,
                                  weight_decay=0.1, **train)
             outcome = pretrain(preset, None, None, config, vocab_size=4096, model_overrides=overrides,
                                objective_options=objective_options, max_documents=documents, export=False)
@@ -508,56 +515,113 @@ def pretraining(documents: int = 20_000) -> list[str]:
     return lines
 
 
-def main() -> int:
-    try:
-        from llmkit import ops  # noqa: F401
-    except ImportError as err:
-        print(f"llmkit demo needs llmkit's built extension: {err}", file=sys.stderr)
-        return 1
+# ------------------------------------------------------------------------------------------ sections
+# Each section prints its own report; `quick` shrinks it to seconds (smaller shapes, fewer steps, no
+# benchmark) so `llmkit demo --quick` runs everything in a few minutes and the tests can run it.
+
+
+def _bench_table(name: str, note: str) -> None:
     from llmkit.bench import make_options, print_table, registered, run_benchmark
 
-    torch.manual_seed(0)
-    print(f"llmkit demo: NF4 (blocksize {BLOCKSIZE}, double quant) round trip, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    layers: list[DemoLayer] = [gpt2_like_linear()]
-    gpt2 = gpt2_c_fc()
+    print(note + "\n")
+    result = run_benchmark(registered()[name], make_options(quick=True))
+    print_table(result)
+    print(f"(benchmark: {result.wall_s:.1f} s; not saved: `llmkit bench {name}` writes JSON and a plot)\n")
+
+
+def section_nf4(quick: bool) -> None:
+    print(f"NF4 (blocksize {BLOCKSIZE}, double quant) round trip, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    layers: list[DemoLayer] = [gpt2_like_linear(1024 if quick else 4096)]
+    gpt2 = None if quick else gpt2_c_fc()
     if isinstance(gpt2, str):
         print(f"note: {gpt2}\n")
-    else:
+    elif gpt2 is not None:
         layers.append(gpt2)
-
-    with tqdm(total=len(layers) * len(STEPS), desc="NF4 round trip", file=sys.stderr, leave=False) as bar:
+    with progress_bar(total=len(layers) * len(STEPS), desc="NF4 round trip", leave=False) as bar:
         reports = [round_trip(layer, bar) for layer in layers]
     for lines in reports:
         print("\n".join(lines) + "\n")
+    if not quick:
+        _bench_table("nf4", "NF4 benchmark (quick: 1024x1024; `llmkit bench nf4` runs 4096x4096):")
 
-    print("NF4 benchmark (quick: 1024x1024; `llmkit bench nf4` runs 4096x4096):\n")
-    result = run_benchmark(registered()["nf4"], make_options(quick=True))
-    print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved: `llmkit bench nf4` writes JSON and a plot)\n")
 
-    print("\n".join(qlora_finetune()) + "\n")
-    print("LoRA benchmark (quick: 1024x1024, 256 tokens; `llmkit bench lora` runs 4096x4096, 2048 tokens):\n")
-    result = run_benchmark(registered()["lora"], make_options(quick=True))
-    print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
+def section_qlora(quick: bool) -> None:
+    print("\n".join(qlora_finetune(steps=15 if quick else 60)) + "\n")
+    if not quick:
+        _bench_table("lora", "LoRA benchmark (quick: 1024x1024, 256 tokens; `llmkit bench lora` runs 4096x4096, "
+                             "2048 tokens):")
 
-    print("\n".join(gpt2_on_llmkit_attention()) + "\n")
-    print("\n".join(sliding_window_with_global_token()) + "\n")
-    print("Attention benchmark (quick shapes; `llmkit bench attention` runs seqlen 1k-16k):\n")
-    result = run_benchmark(registered()["attention"], make_options(quick=True))
-    print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
 
-    print("\n".join(word_embeddings()) + "\n")
+def section_attention(quick: bool) -> None:
+    print("\n".join(gpt2_on_llmkit_attention(seqlen=128 if quick else 512)) + "\n")
+    print("\n".join(sliding_window_with_global_token(seqlen=2048 if quick else 8192)) + "\n")
+    if not quick:
+        _bench_table("attention", "Attention benchmark (quick shapes; `llmkit bench attention` runs seqlen 1k-16k):")
 
-    print("\n".join(transformer_models()) + "\n")
-    print("Models benchmark (quick: gpt-tiny; `llmkit bench models` runs the 6-layer 384-wide GPT):\n")
-    result = run_benchmark(registered()["models"], make_options(quick=True))
-    print_table(result)
-    print(f"(benchmark: {result.wall_s:.1f} s; not saved)\n")
 
-    print("\n".join(pretraining()))
+def section_embeddings(quick: bool) -> None:
+    print("\n".join(word_embeddings(quick)) + "\n")
+
+
+def section_models(quick: bool) -> None:
+    print("\n".join(transformer_models(quick)) + "\n")
+    if not quick:
+        _bench_table("models", "Models benchmark (quick: gpt-tiny; `llmkit bench models` runs the 6-layer "
+                               "384-wide GPT):")
+
+
+def section_pretraining(quick: bool) -> None:
+    print("\n".join(pretraining(documents=2_000 if quick else 20_000, steps=30 if quick else 500)) + "\n")
+
+
+# name -> (what it shows, run(quick)); in the order the demo tells the story.
+SECTIONS: dict[str, tuple[str, Callable[[bool], None]]] = {
+    "nf4": ("NF4 quantization round trip (error, bits/param, bytes vs bitsandbytes)", section_nf4),
+    "qlora": ("QLoRA fine-tune of a byte-level GPT-2 (NF4 base + LoRA), loss curve", section_qlora),
+    "attention": ("GPT-2 on llmkit attention vs SDPA; Longformer window + global token", section_attention),
+    "embeddings": ("word2vec on the shipped corpus: analogies, neighbours, scores, bias, PCA plot",
+                   section_embeddings),
+    "models": ("GPT-2 / Llama / RoBERTa / T5 / Longformer vs transformers: logits, checkpoints, generation",
+               section_models),
+    "pretraining": ("a small GPT (CLM) and BERT (whole-word MLM) pretrained from scratch", section_pretraining),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="every section in small (about 2 minutes on 2 cores; the full demo takes about 15)")
+    parser.add_argument("--section", action="append", default=None, metavar="NAME",
+                        help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
+    parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    add_output_argument(parser, help="directory for the PNGs (default: bench/results under the git root, "
+                                     "else the current directory)")
+
+
+def run_from_args(args) -> int:
+    if args.list:
+        for name, (what, _) in SECTIONS.items():
+            print(f"  {name:<12} {what}")
+        return 0
+    names = args.section or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown demo section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+    return main(names, quick=args.quick, output=args.output)
+
+
+def main(sections: list[str] | None = None, quick: bool = False, output=None) -> int:
+    global OUTPUT_DIR
+    if output is not None:
+        OUTPUT_DIR = Path(output)
+    torch.manual_seed(0)
+    names = sections or list(SECTIONS)
+    print(f"llmkit demo{' --quick' if quick else ''}: {', '.join(names)}\n")
+    for name in names:
+        started = time.perf_counter()
+        print(f"== {name}: {SECTIONS[name][0]} ==\n")
+        SECTIONS[name][1](quick)
+        log.info("(%s: %.0f s)", name, time.perf_counter() - started)
     return 0
 
 

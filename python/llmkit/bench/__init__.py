@@ -11,10 +11,12 @@ import argparse
 import importlib
 from pathlib import Path
 
+from llmkit.utils.cliargs import add_output_argument
+
 from .harness import Benchmark, Case, Contender, RunOptions, default_out_dir, print_table, run_benchmark, save_result
 
 __all__ = ["Benchmark", "Case", "Contender", "RunOptions", "register", "registered",
-           "make_options", "add_arguments", "run_from_args", "main"]
+           "make_options", "add_arguments", "run_from_args", "list_benchmarks", "main"]
 
 # Modules that define benchmarks; imported lazily so `import llmkit.bench` stays cheap.
 BENCHMARK_MODULES = ("nf4", "attention", "lora", "word2vec", "models", "pretrain")
@@ -42,10 +44,11 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="benchmarks to run (default: all registered)")
+                        help="benchmarks to run, or 'all' (some take tens of minutes); "
+                             "with no name, the list of benchmarks is printed")
     parser.add_argument("--quick", action="store_true",
                         help="small shapes and a short time budget (smoke runs, the demo)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+    add_output_argument(parser, aliases=("--out",),
                         help="directory for the JSON, table and plot "
                              "(default: bench/results under the git root of the cwd, else the cwd)")
     parser.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
@@ -73,17 +76,32 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 
 
 def select(names: list[str]) -> list[Benchmark]:
+    """The benchmarks named (``all``: every one), in the order given."""
     available = registered()
+    if names == ["all"]:
+        return [available[n] for n in sorted(available)]
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(sorted(available))}")
-    return [available[n] for n in (names or sorted(available))]
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(sorted(available))}, all")
+    return [available[n] for n in names]
+
+
+def list_benchmarks(file=None) -> None:
+    """What `llmkit bench` with no name prints: each benchmark and what it compares."""
+    available = registered()
+    width = max(len(n) for n in available)
+    print("benchmarks (run one with `llmkit bench NAME [--quick]`, every one with `llmkit bench all`):", file=file)
+    for name in sorted(available):
+        print(f"  {name:<{width}}  {available[name].description}", file=file)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if not args.names:
+        list_benchmarks()
+        return 0
     benches = select(args.names)
     opts = options_from_args(args)
-    out_dir = args.out or default_out_dir()
+    out_dir = Path(args.output) if args.output else default_out_dir()
     floors: dict = {}  # measured once per device, shared by all benchmarks of this run
     for bench in benches:
         if bench.runner is not None:

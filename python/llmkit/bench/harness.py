@@ -32,6 +32,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from llmkit.utils import atomic_write, get_logger, optional, progress_bar, write_text
+
+log = get_logger(__name__)
+
 COPY_FLOOR_BYTES = 256 * 1024 * 1024  # large enough to defeat the caches of CPUs and GPUs at hand
 
 
@@ -320,15 +324,12 @@ def device_kind(device: str) -> str:
 def run_benchmark(bench: Benchmark, opts: RunOptions, floors: dict[str, Floor] | None = None) -> BenchResult:
     """Run every case of `bench`. `floors` (device -> Floor) is shared between
     the benchmarks of one run so each device's floor is measured once."""
-    from tqdm import tqdm
-
     floors = {} if floors is None else floors
     started = time.perf_counter()
     created = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     cases = bench.cases(opts)
     results = []
-    bar = tqdm(cases, desc=bench.name, unit="case", file=sys.stderr, leave=False,
-               disable=None if opts.progress else True)
+    bar = progress_bar(cases, desc=bench.name, unit="case", leave=False, disable=not opts.progress)
     for case in bar:
         if case.device not in floors:
             bar.set_postfix_str(f"copy floor on {case.device}")
@@ -364,6 +365,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+             "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_isa() -> str:
+    """What the CPU's vector units can do, as results must say (a VM's model name often hides it):
+    torch's dispatch level (DEFAULT / AVX2 / AVX512) and the relevant /proc/cpuinfo flags."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = "unknown"
+    present = [f for f in ISA_FLAGS if f in flags]
+    return f"{capability} ({' '.join(present) or 'no flags read'})"
+
+
 def git_root(path: Path) -> Path | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path,
@@ -395,6 +419,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -455,7 +480,8 @@ def table_rows(result: BenchResult) -> list[tuple[str, ...]]:
 def summary_lines(result: BenchResult) -> list[str]:
     mach = result.machine
     lines = [f"{result.benchmark}: {result.description}",
-             f"cpu: {mach['cpu']}, {mach['torch_threads']} torch threads; torch {mach['torch']}"]
+             f"cpu: {mach['cpu']} [{mach.get('cpu_isa', '?')}], {mach['torch_threads']} torch threads; "
+             f"torch {mach['torch']}"]
     if mach["cuda_devices"]:
         lines.append(f"cuda: {', '.join(mach['cuda_devices'])}")
     for floor in result.floors.values():
@@ -523,7 +549,11 @@ def result_to_json(result: BenchResult) -> dict:
 
 
 def write_plot(result: BenchResult, path: Path) -> bool:
-    """Bar plot of llmkit's speedup over each peer, per case; False if there is no ratio to plot."""
+    """Bar plot of llmkit's speedup over each peer, per case; False if there is no ratio to plot
+    (or matplotlib, an optional dependency, is not installed)."""
+    if optional("matplotlib") is None:
+        log.warning("matplotlib is not installed: no plot (pip install 'llmkit[plot]')")
+        return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -556,7 +586,8 @@ def write_plot(result: BenchResult, path: Path) -> bool:
     ax.set_ylabel("llmkit speedup (their time / our time)")
     ax.set_title(f"{result.benchmark} on {device_label(result)}: > 1 means llmkit is faster")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     return True
 
 
@@ -579,8 +610,8 @@ def report_run_result(name: str, result: dict, out_dir: Path, label: str,
     stamp = _dt.datetime.fromisoformat(result["created"]).strftime("%Y%m%d-%H%M%S")
     stem = out_dir / f"{name}-{file_label(label)}-{stamp}"
     written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
-    written["json"].write_text(json.dumps(result, indent=2) + "\n")
-    written["txt"].write_text(format_table(result))
+    write_text(written["json"], json.dumps(result, indent=2) + "\n")
+    write_text(written["txt"], format_table(result))
     if write_plot(result, stem.with_suffix(".png")):
         written["png"] = stem.with_suffix(".png")
     for kind, path in written.items():
@@ -595,8 +626,8 @@ def save_result(result: BenchResult, out_dir: Path) -> dict[str, Path]:
     stamp = _dt.datetime.fromisoformat(result.created).strftime("%Y%m%d-%H%M%S")
     stem = out_dir / f"{result.benchmark}-{device_label(result)}-{stamp}"
     written = {"json": stem.with_suffix(".json"), "txt": stem.with_suffix(".txt")}
-    written["json"].write_text(json.dumps(result_to_json(result), indent=2) + "\n")
-    written["txt"].write_text(format_table(result))
+    write_text(written["json"], json.dumps(result_to_json(result), indent=2) + "\n")
+    write_text(written["txt"], format_table(result))
     if write_plot(result, stem.with_suffix(".png")):
         written["png"] = stem.with_suffix(".png")
     return written
