@@ -237,6 +237,7 @@ def test_loss_is_finite_and_training_is_deterministic():
     (dict(sample=-1e-3), ValueError, "sample"),
     (dict(ns_exponent=float("inf")), ValueError, "ns_exponent"),
     (dict(seed=1.5), ValueError, "seed"),
+    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
     (dict(hashfxn="md5"), TypeError, "hashfxn"),
     (dict(trim_rule=3), TypeError, "trim_rule"),
     (dict(callbacks=5), TypeError, "callbacks"),
@@ -277,3 +278,16 @@ def test_bad_calls():
     assert model.alpha == 0.025  # a refused call changes nothing
     with pytest.raises(TypeError, match="restartable"):
         Word2Vec((s for s in corpus), **small())  # the constructor reads the corpus epochs + 1 times
+
+
+def test_out_of_vocabulary_corpus_trains_nothing_and_counts_its_words():
+    model = Word2Vec(two_topics(50), **small(epochs=1))
+    before = model.wv.vectors.copy()
+    assert model.train([["zzz", "yyy"], ["xxx"]], total_examples=2, epochs=2) == (0, 6)
+    np.testing.assert_array_equal(model.wv.vectors, before)
+    assert model.training_stats[-1]["words"] == 0 and model.training_stats[-1]["raw_words"] == 6
+    # a chunk boundary inside the corpus: raw counts still add up, out-of-vocabulary tails included
+    chunks = list(w2v.encode_chunks([["a0", "zz"], ["a1"], ["zz", "zz"]], model.key_to_index, 2, with_raw=True))
+    assert [c[2] for c in chunks] == [3, 2] and chunks[1][0].numel() == 0
+    assert [c[0].tolist() for c in w2v.encode_chunks([["a0"], ["zz"]], model.key_to_index, 5)] == [
+        [model.key_to_index["a0"]]]

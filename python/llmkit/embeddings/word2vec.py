@@ -282,7 +282,7 @@ class Word2Vec:
         _check_positive_int("batch_words", batch_words)
         _check_positive_int("chunk_words", chunk_words)
         _check_int("cache_words", cache_words, 0)
-        _check_int("seed", seed, None)
+        _check_int("seed", seed, 0)
         for name, value in (("max_vocab_size", max_vocab_size), ("max_final_vocab", max_final_vocab)):
             if value is not None:
                 _check_positive_int(name, value)
