@@ -302,7 +302,9 @@ def test_correlations_without_scipy(pairs_setup, monkeypatch):
     assert kvmod._spearmanr_numpy([1, 2, 3, 4], [2, 4, 6, 8]) == (1.0, 0.0)
     path, (ours_kv, theirs_kv) = pairs_setup
     want = theirs_kv.evaluate_word_pairs(path)
-    monkeypatch.setitem(sys.modules, "scipy", None)  # `from scipy import stats` now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy", None)  # importing scipy or scipy.stats now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    assert kvmod.optional("scipy.stats") is None
     got = ours_kv.evaluate_word_pairs(path)
     np.testing.assert_allclose([*got[0], *got[1], got[2]], [*want[0], *want[1], want[2]], rtol=1e-9)
 

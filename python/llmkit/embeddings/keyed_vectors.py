@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llmkit.utils import atomic_write, get_logger
+from llmkit.utils import atomic_write, get_logger, optional
 
 from . import _storage
 
@@ -219,9 +219,8 @@ def _spearmanr_numpy(x, y) -> CorrelationResult:
 
 
 def _correlations(gold, model) -> tuple[CorrelationResult, CorrelationResult]:
-    try:
-        from scipy import stats
-    except ImportError:
+    stats = optional("scipy.stats")  # scipy is optional (llmkit[embeddings]): the same formulas in numpy without it
+    if stats is None:
         return _pearsonr_numpy(gold, model), _spearmanr_numpy(gold, model)
     pearson = stats.pearsonr(gold, model)
     spearman = stats.spearmanr(gold, model)
