@@ -41,7 +41,8 @@ def test_unexpected_error_names_its_type(monkeypatch, capsys):
     parser._subparsers._group_actions[0].choices["info"].set_defaults(handler=boom)
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "llmkit info: error: RuntimeError: kernel said no second line (LLMKIT_DEBUG=1 shows the traceback)"
+    assert err.strip() == ("llmkit info: error: RuntimeError: kernel said no second line "
+                           "(LLMKIT_DEBUG=1 shows the traceback)")
 
 
 def test_closed_pipe_is_quiet():

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _source_copy(dest: Path) -> None:
-    """The files a clean clone has (tracked, plus untracked-but-not-ignored ones in a work tree), not build/ or .venv."""
+    """The files a clean clone has (tracked, plus untracked-but-not-ignored ones), not build/ or .venv."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, listed):
