@@ -126,3 +126,151 @@ def test_generate_bad_input():
         llmkit.stream(ours, [[]])  # raised by the call, before any iteration
     out = llmkit.generate(ours, [[1, 2]], max_new_tokens=3, eos_token_id=[], progress=True)
     assert len(out.sequences[0]) == 3
+
+
+# ------------------------------------------------------------------------ text prompts, argument checks
+
+CORPUS = ["the cat sat on the mat and purred", "a dog ate the bone in the yard", "my bird sang a song at dawn"]
+
+
+def test_text_prompts_continue_on_a_model_trained_with_llmkits_tokenizer(tmp_path):
+    """llmkit's trained tokenizers wrap text as <s> A </s> (for encoders); a GPT trained on the
+    packed `doc </s> doc </s>` stream must continue a prompt, not restart after its </s>."""
+    from llmkit.data.tokenizer import train_tokenizer
+    from llmkit.generation import encode_prompt
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(CORPUS * 20))
+    tok = train_tokenizer(tmp_path / "corpus.txt", vocab_size=300, progress=False, min_frequency=1)
+    assert tok.encode("the cat")[0] == tok.bos_token_id and tok.encode("the cat")[-1] == tok.eos_token_id
+    assert encode_prompt(tok, "the cat") == tok.encode("the cat", add_special_tokens=False)
+    stream_ids = [t for doc in CORPUS for t in tok.encode(doc, add_special_tokens=False) + [tok.eos_token_id]]
+    torch.manual_seed(0)
+    model = GPT.from_preset("gpt-tiny", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, block_size=64)
+    data = torch.tensor(stream_ids * 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model: threads only add contention on a busy machine
+    try:
+        for _ in range(60):  # memorises the three sentences (loss ~0.02)
+            starts = torch.randint(0, len(data) - 33, (8,), generator=g)
+            batch = torch.stack([data[s:s + 32] for s in starts])
+            loss = model(batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.5
+    out = llmkit.generate(model, ["the cat", "a dog", "my bird"], tokenizer=tok, max_new_tokens=6)
+    assert len(set(out.texts)) == 3, out.texts  # the same text for every prompt: the prompt was ignored
+    assert out.texts[0].startswith(" sat on the mat"), out.texts
+    assert out.texts[1].startswith(" ate the bone"), out.texts
+    assert out.texts[2].startswith(" sang a song"), out.texts
+
+
+TRAIN_TEXT = ["the cat sat on the mat", "a dog ate the bone"] * 20
+
+
+def tokenizer_dir(kind, directory):
+    """tokenizer.json + tokenizer_config.json in the style of GPT-2's and Llama's hub files."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizers = pytest.importorskip("tokenizers")
+    directory.mkdir(parents=True, exist_ok=True)
+    if kind == "gpt2":  # byte-level BPE, nothing added around the text
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.train_from_iterator(TRAIN_TEXT, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                  "unk_token": "<|endoftext|>"}
+    else:  # Llama: Metaspace BPE with byte fallback, "<s> $A" (plus " </s>" with add_eos_token)
+        backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        backend.train_from_iterator(TRAIN_TEXT, trainers.BpeTrainer(vocab_size=300,
+                                                                     special_tokens=["<unk>", "<s>", "</s>"]))
+        single = "<s> $A </s>" if kind == "llama-eos" else "<s> $A"
+        backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "add_bos_token": True, "add_eos_token": kind == "llama-eos"}
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(__import__("json").dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-eos"])
+def test_prompt_ids_equal_transformers_tokenizer(kind, tmp_path):
+    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.generation import encode_prompt
+
+    directory = tokenizer_dir(kind, tmp_path)
+    ours = Tokenizer.from_file(directory)
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    model = GPT.from_preset("gpt-tiny", vocab_size=len(ours))
+    for text in ["the cat sat", "a dog ate the bone", "the mat ate a cat"]:  # letters the tiny vocab knows
+        reference = theirs(text)["input_ids"]
+        if kind == "llama-eos":  # transformers appends </s>; generation never does
+            assert reference[-1] == 2
+            reference = reference[:-1]
+        if kind != "gpt2":
+            assert reference[0] == 1  # the BOS the template asks for
+        assert encode_prompt(ours, text) == reference
+        assert encode_prompt(theirs, text) == reference
+        out = llmkit.generate(model, text, tokenizer=ours, max_new_tokens=0)
+        assert out.prompt_lengths == [len(reference)] and out.sequences == [[]]
+
+
+def test_encoder_templates_add_nothing_to_prompts():
+    tokenizers = pytest.importorskip("tokenizers")
+    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.generation import encode_prompt
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "the": 4, "cat": 5}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = Tokenizer(backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+    assert tok.encode("the cat") == [2, 4, 5, 3] and encode_prompt(tok, "the cat") == [4, 5]
+
+
+def test_sampling_arguments_are_checked_at_the_call():
+    ours = GPT.from_preset("gpt-tiny")
+    bad = [
+        (dict(repetition_penalty=float("nan")), ValueError, "repetition_penalty must be finite"),
+        (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be finite"),
+        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+        (dict(temperature=float("inf"), do_sample=True), ValueError, "temperature must be finite"),
+        (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+        (dict(top_p=float("nan")), ValueError, "top_p must be finite"),
+        (dict(top_p=0.0), ValueError, "top_p must be in"),
+        (dict(top_p=1.5), ValueError, "top_p must be in"),
+        (dict(top_k=-1), ValueError, "top_k must be >= 0"),
+        (dict(top_k=2.5), TypeError, "top_k must be an int"),
+        (dict(top_k=True), TypeError, "top_k must be an int"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
+        (dict(max_new_tokens=3.0), TypeError, "max_new_tokens must be an int"),
+        (dict(max_new_tokens=None), TypeError, "max_new_tokens must be an int"),
+        (dict(do_sample="yes"), TypeError, "do_sample must be True or False"),
+        (dict(seed="1"), TypeError, "seed must be an int"),
+        (dict(repetition_penalty="2"), TypeError, "repetition_penalty must be a number"),
+    ]
+    for kwargs, error, match in bad:
+        for call in (llmkit.generate, llmkit.stream):
+            with pytest.raises(error, match=match):
+                call(ours, [[1, 2]], **kwargs)
+    with pytest.raises(ValueError, match="attention_mask goes with a .* prompt tensor"):
+        llmkit.generate(ours, [[1, 2]], attention_mask=torch.ones(1, 2))
+    with pytest.raises(TypeError, match="integer token ids"):
+        llmkit.generate(ours, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="no prompts"):
+        llmkit.generate(ours, torch.zeros(0, 3, dtype=torch.long))
+    out = llmkit.generate(ours, [[1, 2], [3]], max_new_tokens=0)
+    assert out.sequences == [[], []] and out.new_tokens == 0 and out.prompt_lengths == [2, 1]
+    # Greedy decoding ignores temperature: 0 is accepted there (OpenAI-style "temperature 0").
+    assert len(llmkit.generate(ours, [[1, 2]], max_new_tokens=2, temperature=0.0, eos_token_id=[]).sequences[0]) == 2

@@ -39,14 +39,16 @@ def test_tokenizer_json_with_special_tokens_matches_transformers(tmp_path):
     tok = Tokenizer.from_file(directory)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 3)
     assert tok.mask_token is None and tok.mask_token_id is None
-    assert tok.vocab_size == len(tok) == tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
+    backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    assert tok.vocab_size == len(tok) == backend.get_vocab_size()
     reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
     for text in ["the cat sat", "dogs and cats on mats!", "unseen ü"]:
         ids = tok.encode(text)
         assert ids == reference(text)["input_ids"]
         assert ids[0] == 1 and ids[-1] == 2
         assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
-    assert tok.encode("the cat", add_special_tokens=False) == reference("the cat", add_special_tokens=False)["input_ids"]
+    plain = reference("the cat", add_special_tokens=False)["input_ids"]
+    assert tok.encode("the cat", add_special_tokens=False) == plain
     batch = tok(["the cat", "the cat sat on the mat"])
     assert tok.padding_side == "left"  # from tokenizer_config.json
     assert batch["input_ids"].shape == batch["attention_mask"].shape
@@ -100,7 +102,86 @@ def test_models_list_and_info_and_generate_commands(tmp_path, capsys):
     assert main(["generate", str(model_dir), "1 5 9", "--ids", "--max-new-tokens", "3", "--ignore-eos"]) == 0
     assert len(capsys.readouterr().out.split()) == 3
     assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+
+
+def one_line_error(argv, capsys, command):
+    """Run the `llmkit` command; it must fail with exit 2 and one line `llmkit COMMAND: error: ...`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"llmkit {command}: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_models_info_and_generate_give_one_line_errors(tmp_path, capsys):
+    torch.manual_seed(0)
+    good = tmp_path / "good"
+    bpe_tokenizer_dir(good)
+    model = GPT.from_preset("gpt-tiny", vocab_size=Tokenizer.from_file(good).vocab_size)
+    model.save_pretrained(good)
+    assert "does not exist" in one_line_error(["models", "info", str(tmp_path / "missing")], capsys, "models")
+    assert "is not a directory" in one_line_error(["models", "info", str(good / "config.json")], capsys, "models")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no config.json" in one_line_error(["models", "info", str(empty)], capsys, "models")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert "not a valid config.json" in one_line_error(["models", "info", str(broken)], capsys, "models")
+    (broken / "config.json").write_text('{"model_type": "mamba"}')
+    assert "no llmkit model for model_type 'mamba'" in one_line_error(["models", "info", str(broken)], capsys,
+                                                                       "models")
+    (broken / "config.json").write_text('{"vocab_size": 3}')
+    assert "has no model_type" in one_line_error(["models", "info", str(broken)], capsys, "models")
+    # A config with fewer layers than the weights: refused, not loaded truncated.
+    fewer = tmp_path / "fewer"
+    model.save_pretrained(fewer)
+    config = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "n_layer": 1}))
+    err = one_line_error(["models", "info", str(fewer)], capsys, "models")
+    assert "not used by the model: transformer.h.{1}.*" in err
+    weights = (good / "model.safetensors").read_bytes()
+    (fewer / "config.json").write_text(json.dumps(config))
+    (fewer / "model.safetensors").write_bytes(weights[:1000])
+    assert "not a valid safetensors file" in one_line_error(["models", "info", str(fewer)], capsys, "models")
+    assert main(["models", "info", str(good)]) == 0
+    assert "GPT from" in capsys.readouterr().out
+
+    bert = tmp_path / "bert"
+    from llmkit.models import BERT
+    BERT.from_preset("bert-tiny").save_pretrained(bert)
+    assert "decoder-only" in one_line_error(["generate", str(bert), "x"], capsys, "generate")
+    no_tok = tmp_path / "no_tok"
+    model.save_pretrained(no_tok)
+    assert "no tokenizer.json" in one_line_error(["generate", str(no_tok), "the cat"], capsys, "generate")
+    assert "not space-separated integer token ids" in one_line_error(
+        ["generate", str(good), "1 x 3", "--ids"], capsys, "generate")
+    assert "outside the vocabulary" in one_line_error(["generate", str(good), "1 99999", "--ids"], capsys,
+                                                      "generate")
+    assert "max_new_tokens must be >= 0" in one_line_error(
+        ["generate", str(good), "the cat", "--max-new-tokens", "-3"], capsys, "generate")
+    assert "top_k must be >= 0" in one_line_error(["generate", str(good), "the", "--top-k", "-1"], capsys,
+                                                  "generate")
+    # Values argparse refuses (nan, an unknown device) end with its usage line + one error line, exit 2.
+    for flags in (["--repetition-penalty", "nan"], ["--temperature", "inf"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", str(good), "the cat"] + flags)
+        assert exit_info.value.code == 2
+        assert "error: argument" in capsys.readouterr().err
+    assert main(["generate", str(good), "the cat", "--device", "cpu", "--dtype", "bfloat16",
+                 "--max-new-tokens", "2", "--ignore-eos"]) == 0
+    assert "(2 tokens in" in capsys.readouterr().err
+
+
+def test_models_info_on_a_bad_directory_prints_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "llmkit", "models", "info", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"llmkit models: error: {tmp_path} has no config.json (expected a Hugging " \
+                                    "Face checkpoint directory)"
 
 
 def test_models_bench_quick_runs_both_contenders_on_the_same_weights():

@@ -12,10 +12,24 @@ divide-positive / multiply-negative rule), then temperature, top-k and top-p
 (nucleus) on the logits; greedy is argmax, sampling draws from the softmax.
 Greedy decoding gives transformers' tokens, token for token, on the same
 weights.
+
+Text prompts are encoded as a causal LM's generation needs them: the text
+alone, never an end-of-sequence token after it (the model would start a new
+document and ignore the prompt), with the BOS token in front only where the
+tokenizer asks for one: a post-processor that puts BOS before the text
+(Llama's ``<s> $A`` template in tokenizer.json, which is what transformers 5
+follows), or ``add_bos_token=True`` on a transformers tokenizer. An encoder's
+template that wraps the text (``<s> A </s>`` with ``<s>`` the CLS token,
+``[CLS] A [SEP]``: llmkit's trained tokenizers) adds nothing: a GPT trained on llmkit's packed
+``doc </s> doc </s>`` stream continues the text. Prompt ids thus equal
+transformers' ``tokenizer(prompt)`` for GPT-2 and Llama tokenizers.
+
+Every sampling argument is checked (finite, in range) before anything runs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -23,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .models.gpt import GPT, KVCache
+from .utils import progress_bar
 
 
 @dataclass
@@ -78,13 +93,18 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
             padding is removed).
         tokenizer: a :class:`llmkit.data.tokenizer.Tokenizer` (or anything with
             ``encode`` / ``decode``) for str prompts, texts and stop strings.
-        max_new_tokens: at most this many tokens per prompt.
+            Text is encoded without an EOS and with a BOS only where the
+            tokenizer asks for one (see the module docstring).
+        max_new_tokens: at most this many tokens per prompt (an int >= 0).
         do_sample: sample (with temperature / top_k / top_p) instead of greedy.
-        repetition_penalty: > 1 discourages tokens already in the sequence.
+        temperature: finite, > 0 (used when sampling).
+        top_k: int >= 0 (0: off). top_p: in (0, 1] (1: off).
+        repetition_penalty: finite, > 0; > 1 discourages tokens already in the sequence.
         eos_token_id: id(s) that end a sequence; default the model's / tokenizer's EOS.
         stop_strings: end a sequence once its generated text contains one (needs a tokenizer).
         seed: seeds the sampler (reproducible sampling).
-        progress: show a tqdm bar of decode steps.
+        progress: a progress bar of decode steps (llmkit.utils.progress_bar: on stderr,
+            only on a terminal).
     """
     start = time.perf_counter()
     plan = _Plan(model, prompts, tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -94,11 +114,8 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
     texts = [""] * batch if tokenizer is not None else None
     reasons = ["length"] * batch
     first_token_time = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_new_tokens, desc="generate", unit="step")
-    for event in _decode(plan, on_step=bar.update if bar is not None else None):
+    bar = progress_bar(total=plan.max_new_tokens, desc="generate", unit="step", disable=not progress)
+    for event in _decode(plan, on_step=bar.update):
         if first_token_time is None:
             first_token_time = time.perf_counter() - start
         sequences[event.index].append(event.token_id)
@@ -106,8 +123,7 @@ def generate(model: GPT, prompts, tokenizer=None, max_new_tokens: int = 32, do_s
             texts[event.index] += event.text
         if event.finish_reason:
             reasons[event.index] = event.finish_reason
-    if bar is not None:
-        bar.close()
+    bar.close()
     seconds = time.perf_counter() - start
     return GenerationOutput(sequences=sequences, texts=texts, finish_reasons=reasons,
                             prompt_lengths=[len(p) for p in plan.prompt_ids],
@@ -135,6 +151,8 @@ class _Plan:
         if not isinstance(model, GPT):
             raise TypeError(f"generate takes an llmkit.models.GPT, got {type(model).__name__}")
         self.prompt_ids = _prompt_ids(prompts, tokenizer, attention_mask)
+        if not self.prompt_ids:
+            raise ValueError("no prompts given")
         config = model.config
         for ids in self.prompt_ids:
             if not ids:
@@ -142,14 +160,27 @@ class _Plan:
             bad = [t for t in ids if not 0 <= t < config.vocab_size]
             if bad:
                 raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
+        max_new_tokens = _int_at_least("max_new_tokens", max_new_tokens, 0)
+        top_k = _int_at_least("top_k", top_k, 0)
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+        temperature = _finite("temperature", temperature)
+        if temperature <= 0 and do_sample:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        top_p = _finite("top_p", top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0 or repetition_penalty <= 0:
-            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+        repetition_penalty = _finite("repetition_penalty", repetition_penalty)
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {repetition_penalty}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if stop_strings is not None and not all(isinstance(t, str) for t in stop_strings):
+            raise TypeError("stop_strings must be a str or a list of str")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the generated text")
         longest = max(len(p) for p in self.prompt_ids)
@@ -228,16 +259,23 @@ def _prompt_ids(prompts, tokenizer, attention_mask) -> list[list[int]]:
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return [tokenizer.encode(t) for t in texts]
+        return [encode_prompt(tokenizer, t) for t in texts]
+    if attention_mask is not None and not isinstance(prompts, torch.Tensor):
+        raise ValueError("attention_mask goes with a (batch, seqlen) prompt tensor; lists of prompts need none")
     if isinstance(prompts, torch.Tensor):
+        if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+            raise TypeError(f"a prompt tensor must hold integer token ids, got dtype {prompts.dtype}")
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2:
             raise ValueError(f"a prompt tensor must be (batch, seqlen), got shape {tuple(prompts.shape)}")
         if attention_mask is None:
             return prompts.tolist()
-        if attention_mask.shape != prompts.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match the prompts {tuple(prompts.shape)}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompts.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
+                type(attention_mask).__name__
+            raise ValueError(f"attention_mask ({shape}) must be a tensor of the prompts' shape "
+                             f"{tuple(prompts.shape)}")
         return [row[mask.bool()].tolist() for row, mask in zip(prompts, attention_mask)]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
@@ -248,6 +286,62 @@ def _prompt_ids(prompts, tokenizer, attention_mask) -> list[list[int]]:
             return [list(p) for p in prompts]
     raise TypeError("prompts must be a str, a list of str, a list of token ids, a list of such lists, "
                     "or a (batch, seqlen) tensor")
+
+
+def _int_at_least(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _wants_bos(tokenizer, prefix: list[int], suffix: list[int]) -> bool:
+    """Whether a generation prompt starts with BOS.
+
+    What transformers 5 does is what the tokenizer.json post-processor does (it
+    no longer rebuilds it from tokenizer_config.json's ``add_bos_token``): BOS
+    when the template puts exactly the BOS before the text, and nothing or only
+    the EOS after it (Llama's ``<s> $A``, with ``add_eos_token`` ``<s> $A </s>``).
+    An encoder's wrap, whose start token is also the CLS token (RoBERTa's and
+    llmkit's ``<s> A </s>``), gives no BOS. A tokenizer whose ``add_bos_token``
+    is True (transformers' slow tokenizers) gets one.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", None) is True:
+        return True
+    if prefix != [bos]:
+        return False
+    if not suffix:
+        return True
+    return suffix == [getattr(tokenizer, "eos_token_id", None)] and getattr(tokenizer, "cls_token_id", None) is None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a text prompt for a causal LM: no EOS appended, BOS only where the tokenizer
+    asks for one (see the module docstring); equal to transformers' ``tokenizer(text)`` for GPT-2
+    and Llama tokenizers, and a continuation prompt for llmkit's ``<s> A </s>`` tokenizers."""
+    plain = list(tokenizer.encode(text, add_special_tokens=False))
+    full = list(tokenizer.encode(text, add_special_tokens=True))
+    prefix, suffix = (full, []) if not plain else ([], [])  # "" -> what the template adds is all prefix
+    for start in range(len(full) - len(plain) + 1) if plain else ():  # where the post-processor put the text
+        if full[start:start + len(plain)] == plain:
+            prefix, suffix = full[:start], full[start + len(plain):]
+            break
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if _wants_bos(tokenizer, prefix, suffix) and bos is not None and plain[:1] != [bos]:
+        return [bos] + plain
+    return plain
 
 
 def _eos_ids(eos_token_id, tokenizer, config) -> set[int]:
