@@ -383,3 +383,19 @@ def test_prepare_qlora_bad_input():
     with pytest.raises(NotImplementedError, match="use_dora"):
         prepare_qlora(model, use_dora=True)
     assert not any(isinstance(m, Linear4bit) for m in model.modules())  # refused before quantizing
+
+
+def test_a_layer_lora_cannot_wrap_leaves_the_model_as_it_was():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a_proj = nn.Linear(64, 64)
+            self.b_proj = bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu")  # packed uint8 weight
+
+    model = Two()
+    with pytest.raises(TypeError, match="bitsandbytes.*llmkit.nn.Linear4bit"):
+        apply_lora(model, target_modules=["a_proj", "b_proj"])
+    assert type(model.a_proj) is nn.Linear and model.a_proj.weight.requires_grad  # untouched
+    assert not hasattr(model, "llmkit_lora")

@@ -212,16 +212,27 @@ def _add(model: nn.Module, config: LoraConfig, adapter_name: str, active: str) -
     for name in names:
         if name in layers and adapter_name in layers[name].lora_A:
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}")
+    # New wrappers first, the model untouched: one that cannot be built (a bitsandbytes layer) raises here.
+    wrappers = {}
+    flags = {name: model.get_submodule(name).weight.requires_grad for name in names if name not in layers}
+    try:
+        for name in flags:
+            wrappers[name] = LoraLinear(model.get_submodule(name), adapter_name, r=config.r,
+                                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                        use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+            wrappers[name].set_adapter(active)  # freezes the new adapter unless it is `active`
+    except BaseException:
+        for name, flag in flags.items():  # LoraLinear froze the base weights it wrapped: undo
+            weight = model.get_submodule(name).weight
+            if weight.is_floating_point():
+                weight.requires_grad_(flag)
+        raise
     for name in names:
         if name in layers:
             layers[name].update_layer(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
                                       config.use_rslora, config.init_lora_weights)
         else:
-            layer = LoraLinear(model.get_submodule(name), adapter_name, r=config.r, lora_alpha=config.lora_alpha,
-                               lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                               init_lora_weights=config.init_lora_weights)
-            layer.set_adapter(active)  # freezes the new adapter unless it is `active`
-            replace_module(model, name, layer)
+            replace_module(model, name, wrappers[name])
     return names
 
 
