@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import itertools
@@ -38,7 +37,6 @@ from llmkit.data.tokenizer import MAX_VOCAB_SIZE
 from llmkit.models.gpt import GPT, GPTConfig
 from llmkit.objectives import get_objective
 from llmkit.train import TrainConfig, Trainer, checkpoint
-from llmkit.train import cli as train_cli
 from llmkit.train.pipeline import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +64,15 @@ def _env(**extra) -> dict:
 # ----------------------------------------------------------------- vocab_size --
 _HUGE_VOCAB_CHILD = r"""
 import sys
+from llmkit.cli import main
 from llmkit.data import train_tokenizer
-from llmkit.train import cli
 try:
     train_tokenizer(sys.argv[1], vocab_size=10**9, progress=False)
 except ValueError as err:
     print("library:", err)
-parser = cli.argparse.ArgumentParser()
-cli.add_corpus_arguments(parser)
-print("corpus rc", cli.run_corpus(parser.parse_args(["prepare", sys.argv[1], "-o", sys.argv[2],
-                                                      "--vocab-size", "1000000000"])))
-parser = cli.argparse.ArgumentParser()
-cli.add_arguments(parser)
-print("pretrain rc", cli.run(parser.parse_args(["--model", "gpt-tiny", "--data", sys.argv[1], "-o", sys.argv[2],
-                                                "--vocab-size", "1000000000"])))
+print("corpus rc", main(["corpus", "prepare", sys.argv[1], "-o", sys.argv[2], "--vocab-size", "1000000000"]))
+print("pretrain rc", main(["pretrain", "--model", "gpt-tiny", "--data", sys.argv[1], "-o", sys.argv[2],
+                           "--vocab-size", "1000000000"]))
 """
 
 
@@ -371,17 +364,21 @@ def test_train_refuses_a_previous_run_unless_resume_or_overwrite(corpus, killed_
 
 # ------------------------------------------------------------------------- CLI --
 def _cli(kind: str, *argv) -> tuple[int, str, str]:
-    """Run `llmkit pretrain` / `llmkit corpus` handlers in this process: (exit code, stdout, stderr)."""
-    parser = argparse.ArgumentParser(prog=f"llmkit {kind}")
-    (train_cli.add_arguments if kind == "pretrain" else train_cli.add_corpus_arguments)(parser)
+    """`llmkit KIND ARGV...` through the `llmkit` command's main, in this process: (exit code, stdout, stderr)."""
+    from llmkit.cli import main
+
+    logger = logging.getLogger("llmkit")
+    handlers, level = list(logger.handlers), logger.level
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            args = parser.parse_args([str(a) for a in argv])
-        except SystemExit as exit_:
-            return exit_.code, out.getvalue(), err.getvalue()
-        handler = train_cli.run if kind == "pretrain" else train_cli.run_corpus
-        code = handler(args)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([kind, *(str(a) for a in argv)])
+            except SystemExit as exit_:  # argparse's own errors
+                code = exit_.code
+    finally:  # main configures logging to the stderr of its call: undo that for the next one
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -16,7 +16,6 @@ error (a bad value, a missing file) ends in one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -30,10 +29,11 @@ _RUN_OPTIONS = ("model", "objective", "data", "tokenizer", "vocab_size", "max_do
                 "whole_word_masking", "masking", "nsp", "noise_density", "mean_span_length", "threads", "sample",
                 "max_new_tokens", "model_config")
 _SKIP = {"extra", "betas", "out_dir", "device"}  # flags of their own below
-# What a command handler reports as a user error (one line, exit 2): the types the top-level `llmkit`
-# command treats so; CheckpointError is a ValueError.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError,
-               NotImplementedError)
+_BOOL_HELP = {"overwrite": "start a new run in an output directory holding a previous one, deleting its "
+                           "checkpoints, metrics, loss curve and model (without it, such a directory is refused)",
+              "deterministic": "torch.use_deterministic_algorithms: a resumed run repeats the losses bit for bit",
+              "compile": "torch.compile each transformer block",
+              "gradient_checkpointing": "recompute activations in the backward pass (less memory)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 train.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
                                    default=None)
             else:
-                train.add_argument(flag, dest=f.name, action="store_true", default=None)
+                train.add_argument(flag, dest=f.name, action="store_true", default=None, help=_BOOL_HELP.get(f.name))
             continue
         kind = {int: int, float: float, str: str}.get(hints[f.name])
         if kind is None:  # int | None, float | None
@@ -203,19 +203,9 @@ def _scalar_types(hint) -> tuple | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except USER_ERRORS as err:
-        return _user_error("pretrain", err)
-
-
-def _user_error(command: str, err: BaseException) -> int:
-    """The top-level `llmkit` command's format for a user error: one line, exit 2."""
-    message = str(err) or type(err).__name__
-    if isinstance(err, (FileNotFoundError, PermissionError)) and err.filename and str(err.filename) not in message:
-        message = f"{message}: {err.filename}"
-    print(f"llmkit {command}: error: {message}", file=sys.stderr)
-    return 2
+    """`llmkit pretrain`. User errors are raised (ValueError, FileNotFoundError, FileExistsError, ...) with a
+    message saying what was wrong; the `llmkit` command prints them as one line and exits with status 2."""
+    return _run(args)
 
 
 def _run(args) -> int:
@@ -285,10 +275,8 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    try:
-        return _run_corpus(args)
-    except USER_ERRORS as err:
-        return _user_error("corpus", err)
+    """`llmkit corpus prepare|info` (errors as in :func:`run`)."""
+    return _run_corpus(args)
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
