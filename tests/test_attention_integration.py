@@ -358,3 +358,18 @@ def test_kernel_calls_counts_only_kernel_runs():
 def test_attention_module_rejects_bad_shapes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         llmkit.nn.Attention(**kwargs)
+
+
+def test_without_transformers_the_integration_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"  # as if it were not installed
+            "import llmkit\n"
+            "try:\n"
+            "    import llmkit.integrations.transformers\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'llmkit[hf]'" in result.stdout

@@ -11,7 +11,7 @@ import warnings
 
 def register_available() -> None:
     """Register with the libraries that are already imported (called by ``import llmkit``)."""
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:  # None: an import that was blocked
         try:
             from . import transformers  # noqa: F401  (registers on import)
         except Exception as exc:  # a transformers too old or half-imported must not break import llmkit

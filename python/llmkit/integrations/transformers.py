@@ -135,7 +135,12 @@ def llmkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 
 def register() -> None:
-    """Register ``attn_implementation="llmkit"`` with transformers (idempotent)."""
+    """Register ``attn_implementation="llmkit"`` with transformers (idempotent).
+
+    Without transformers installed: an ImportError naming the extra that installs it."""
+    from ..utils import require
+
+    require("transformers", "hf", 'attn_implementation="llmkit"')
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
