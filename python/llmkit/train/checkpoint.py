@@ -98,8 +98,12 @@ def save(directory: Path, step: int, model_state: dict, optimizer_state: dict, r
     ``latest`` at it; keep the newest `keep` checkpoints up to `step`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # What a killed save left (rank 0 is the only writer here): checkpoint temporaries (".tmp-*": older
+    # llmkit), a temporary `latest`.
     for stale in list(directory.glob(".step-*.tmp-*")) + list(directory.glob(".tmp-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # a save that was killed (rank 0 is the only writer here)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in directory.glob(".latest.*.tmp"):
+        stale.unlink(missing_ok=True)
     name = f"step-{step:06d}"
     # A resumed run saving a step again replaces that checkpoint whole (keep_existing=False).
     with atomic_directory(directory / name, keep_existing=False) as tmp:
