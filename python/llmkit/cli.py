@@ -6,7 +6,7 @@
     llmkit info     build of llmkit (backends, torch, CUDA archs) as JSON
     llmkit demo [--quick] [--section NAME ...]   NF4, QLoRA, attention, word2vec, models, pretraining
     llmkit adapter info ADAPTER_DIR
-    llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
+    llmkit adapter merge --model MODEL_DIR --adapter ADAPTER_DIR -o OUT_DIR [--device D]
     llmkit word2vec train|eval|bias ...   (see llmkit.embeddings.cli)
     llmkit glove train|eval|bias ...
     llmkit embeddings bias VECTORS

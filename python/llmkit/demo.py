@@ -231,7 +231,7 @@ def qlora_finetune(steps: int = 60) -> list[str]:
                                      bos_token_id=10, eos_token_id=10)  # bytes: "\n" ends a document
     model = transformers.GPT2LMHeadModel(config)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    prepare_qlora(model, r=16, alpha=32, dropout=0.05)
+    prepare_qlora(model, r=16, lora_alpha=32, lora_dropout=0.05)
     report = qlora_memory_report(model)
     data = torch.tensor(list(QLORA_TEXT.encode("utf-8")))
     seqlen, batch = 64, 8
