@@ -167,6 +167,8 @@ def test_config_overrides_and_bad_arguments(tmp_path):
             GPT.from_pretrained(directory, dtype=bad)
     with pytest.raises(TypeError, match="dtype must be"):
         GPT.from_pretrained(directory, dtype=3)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        GPT.from_pretrained(directory, device="gpu0")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GPT.from_pretrained(tmp_path / "nothing")
     with pytest.raises(NotADirectoryError, match="not a directory"):
@@ -374,3 +376,15 @@ def test_summarize_keys_groups_layers():
     keys = [f"h.{i}.attn.w" for i in range(2, 12)] + [f"h.{i}.mlp.w" for i in range(2, 12)] + ["ln_f.weight"]
     assert summarize_keys(keys) == "h.{2..11}.* (20 tensors), ln_f.weight"
     assert summarize_keys(["a.1.x", "a.3.y"]) == "a.{1,3}.* (2 tensors)"
+
+
+def test_special_ids_come_from_the_saved_tokenizer_when_the_config_has_none(tmp_path):
+    tok = llmkit_tokenizer()
+    GPT.from_preset("gpt-tiny", vocab_size=len(tok)).save_pretrained(tmp_path, tokenizer=tok)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 2, 1)
+    assert GPT.from_pretrained(tmp_path).config.eos_token_id == 2
+    GPT.from_preset("gpt-tiny", eos_token_id=5).save_pretrained(tmp_path / "own", tokenizer=tok)
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["eos_token_id"] == 5  # the model's wins
+    GPT.from_preset("gpt-tiny").save_pretrained(tmp_path / "none")  # no ids at all: null, not GPT-2's 50256
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "none").eos_token_id is None

@@ -163,8 +163,9 @@ class GPTConfig:
 
     def to_hf_config(self) -> dict:
         kind = self.hf_model_type
-        ids = {k: getattr(self, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(self, k) is not None}
+        # Written even when None: transformers' GPT2Config would otherwise default to GPT-2's
+        # 50256, outside a smaller vocabulary.
+        ids = {k: getattr(self, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if kind == "gpt2":
             return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
                         n_positions=self.block_size, n_layer=self.n_layer, n_head=self.n_head,

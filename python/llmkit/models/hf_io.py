@@ -495,7 +495,11 @@ class PretrainedIO:
         is_object = not isinstance(path_or_hf_model, (str, os.PathLike))
         target = resolve_dtype(dtype, hf_config, state, from_object=is_object)
         if device is not None:
-            device = torch.device(device)
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                                 f"got {device!r}") from None
         model = cls._from_hf_parts(hf_config, state, dict(config_overrides))
         del state
         return cast_model(model, target, device).eval()
@@ -510,13 +514,19 @@ class PretrainedIO:
                 are not.
             tokenizer: an llmkit ``Tokenizer`` or a transformers tokenizer, saved
                 beside the weights (``Tokenizer.from_file(directory)`` and
-                ``AutoTokenizer.from_pretrained(directory)`` read it back).
+                ``AutoTokenizer.from_pretrained(directory)`` read it back); its
+                bos / eos / pad ids fill the config's where the model has none.
             safe_serialization: safetensors (default) or pytorch_model.bin.
             max_shard_size: bytes or a string such as "5GB": bigger checkpoints
                 are sharded with an index, as transformers does.
         Returns the directory.
         """
         config, state = self._to_hf_parts()
+        if tokenizer is not None:  # special ids the config leaves open come from the tokenizer saved with it
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(tokenizer, key, None)
+                if config.get(key) is None and isinstance(value, int):
+                    config[key] = value
         vocab = config.get("vocab_size")
         return save_hf_checkpoint(directory, config, state, tokenizer=tokenizer,
                                   safe_serialization=safe_serialization, max_shard_size=max_shard_size,
