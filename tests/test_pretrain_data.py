@@ -14,16 +14,9 @@ from llmkit.data import (ENGLISH_CORPUS, TokenizedCorpus, TokenShards, iter_docu
 from llmkit.data import shards as shards_module
 from llmkit.data.tokenizer import Tokenizer
 
-TEXT = """The first paragraph has
-two lines.
-
-The second paragraph.
-
-
-   
-Third one, after several blank lines
-(one of them only spaces).
-"""
+# Paragraphs separated by blank lines; one of the separating lines holds only spaces.
+TEXT = ("The first paragraph has\ntwo lines.\n\nThe second paragraph.\n\n\n   \n"
+        "Third one, after several blank lines\n(one of them only spaces).\n")
 
 WORDS = ("the ship sailed over the grey sea while the captain watched the clouds gather and the crew "
          "sang old songs about home harbours rivers mountains and distant cities").split()

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -134,7 +133,8 @@ def test_gradient_accumulation_equals_full_batch_mlm(bert_corpus, tmp_path):
     for step in full:
         assert accum[step] == pytest.approx(full[step], rel=1e-5)
     for name in w_full:
-        torch.testing.assert_close(w_accum[name], w_full[name], rtol=1e-4, atol=3e-5)  # Adam: sign-like steps on ~0 grads
+        # Adam: sign-like steps on ~0 grads
+        torch.testing.assert_close(w_accum[name], w_full[name], rtol=1e-4, atol=3e-5)
 
 
 def test_clm_training_learns_and_writes_metrics_and_plot(gpt_corpus, tmp_path):
@@ -352,7 +352,7 @@ def test_span_corruption_trains_t5_and_nsp_trains_bert_pretraining(tiny_text, tm
 
 def test_checkpointing_and_bf16_options(gpt_corpus, tmp_path):
     objective = get_objective("clm", gpt_corpus.tokenizer)
-    plain = Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train, _config(tmp_path / "a", steps=3)).train()
+    Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train, _config(tmp_path / "a", steps=3)).train()
     recompute = Trainer(_gpt(gpt_corpus), objective, gpt_corpus.train,
                         _config(tmp_path / "b", steps=3, gradient_checkpointing=True))
     assert recompute.model.gradient_checkpointing
