@@ -329,10 +329,12 @@ def test_save_pretrained_writes_the_tokenizer_beside_the_weights(tmp_path):
     old_umask = os.umask(0o027)
     try:
         model.save_pretrained(tmp_path, tokenizer=tok)
+        model.save_pretrained(tmp_path / "new")
     finally:
         os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o750  # not mkdtemp's 0700
     for entry in tmp_path.iterdir():
-        if entry.name != "notes.txt":
+        if entry.name not in ("notes.txt", "new"):
             assert stat.S_IMODE(entry.stat().st_mode) == 0o640, entry.name  # the umask's, not mkstemp's 0600
     again = Tokenizer.from_file(tmp_path)
     assert again.encode("the cat", add_special_tokens=False) == tok.encode("the cat", add_special_tokens=False)
