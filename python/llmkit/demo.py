@@ -491,7 +491,9 @@ def pretraining(documents: int = 20_000, steps: int = 500) -> list[str]:
             seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
             val = outcome["result"]["val"]
             plot = out_dir / f"demo-pretrain-{trainer.objective.name}-loss.png"
-            shutil.copyfile(Path(tmp) / preset / "loss.png", plot)
+            png = Path(tmp) / preset / "loss.png"
+            if png.is_file():  # drawn only when matplotlib is installed
+                shutil.copyfile(png, plot)
             lines.append(f"  {label}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {config.steps} steps x "
                          f"{config.batch_size} x {config.seq_len} tokens in {seconds:.0f} s "
                          f"({sum(r['tokens'] for r in records) / seconds:,.0f} tokens/s)")
