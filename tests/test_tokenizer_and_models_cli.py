@@ -101,6 +101,11 @@ def test_models_list_and_info_and_generate_commands(tmp_path, capsys):
     assert len(greedy.sequences[0]) == 5 and out.out.strip() == greedy.texts[0].strip()
     assert main(["generate", str(model_dir), "1 5 9", "--ids", "--max-new-tokens", "3", "--ignore-eos"]) == 0
     assert len(capsys.readouterr().out.split()) == 3
+    # Several prompts: one line each, "[i] ...", printed when the sequence ends.
+    assert main(["generate", str(model_dir), "1 5 9", "7", "--ids", "--max-new-tokens", "3", "--ignore-eos"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = llmkit.generate(model, [[1, 5, 9], [7]], max_new_tokens=3, eos_token_id=[]).sequences
+    assert sorted(lines) == [f"[{i}] " + " ".join(map(str, seq)) for i, seq in enumerate(expected)]
     assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -145,15 +145,20 @@ def _generate(args) -> int:
                     eos_token_id=[] if args.ignore_eos else None)
     start = time.perf_counter()
     count = 0
-    last_index = None
+    pieces = [[] for _ in prompts]
     for event in events:
         count += 1
-        if len(prompts) > 1 and event.index != last_index:
-            print(f"\n[{event.index}] ", end="")
-            last_index = event.index
-        print(event.text if tokenizer is not None else f"{event.token_id} ", end="", flush=True)
+        piece = event.text if tokenizer is not None else f"{event.token_id} "
+        if len(prompts) == 1:  # one prompt: the text as it comes
+            print(piece, end="", flush=True)
+            continue
+        # Several: their tokens arrive interleaved, step by step; each line is printed when its sequence ends.
+        pieces[event.index].append(piece)
+        if event.finish_reason is not None:
+            print(f"[{event.index}] " + "".join(pieces[event.index]).rstrip().replace("\n", " "), flush=True)
     seconds = time.perf_counter() - start
-    print()
+    if len(prompts) == 1:
+        print()
     rate = f"{count / seconds:.1f} tokens/s" if seconds > 0 else "-"
     print(f"({count} tokens in {seconds:.2f} s, {rate})", file=sys.stderr)
     return 0
