@@ -14,9 +14,10 @@ sequences; outputs are scattered back to (batch, seqlen, ...) at the end (0 at
 padding). Already packed input (1-D ``input_ids`` + int32 ``cu_seqlens``, the
 flash-attn convention) skips the packing and returns packed outputs.
 
-``from_hf`` loads transformers' checkpoints (a model object or a local
-directory) with identical outputs on the real tokens; ``to_hf`` writes a
-directory that transformers loads back.
+``from_pretrained`` loads transformers' checkpoints (a model object or a
+local directory) with identical outputs on the real tokens;
+``save_pretrained`` writes a directory that transformers loads back (the
+older names ``from_hf`` / ``to_hf`` are the same methods).
 """
 
 from __future__ import annotations

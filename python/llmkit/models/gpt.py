@@ -145,7 +145,8 @@ class GPTConfig:
                          norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
                          sliding_window=window, qkv_bias=qkv_bias, **ids)
             return config
-        raise ValueError(f"GPT.from_hf takes gpt2, llama, mistral or qwen2 checkpoints, got model_type {kind!r}")
+        raise ValueError(f"GPT.from_pretrained takes gpt2, llama, mistral or qwen2 checkpoints, "
+                         f"got model_type {kind!r}")
 
     @property
     def hf_model_type(self) -> str:
@@ -643,9 +644,10 @@ class GPT(PretrainedIO, nn.Module):
         model = cls(config)
         hf = {_normalized_hf_name(k): v for k, v in state.items()}
         # Messages name tensors as the checkpoint (or, for missing ones, transformers) spells them.
-        shown = {_normalized_hf_name(k): k for k in _state_to_hf(config, model.state_dict())}
+        needed = _state_to_hf(config, model.state_dict())  # the names transformers gives our weights
+        shown = {_normalized_hf_name(k): k for k in needed}
         shown.update({_normalized_hf_name(k): k for k in state})
-        expected = {_normalized_hf_name(k) for k in _state_to_hf(config, model.state_dict())}
+        expected = set(shown) & {_normalized_hf_name(k) for k in needed}
         bodies = {k.split(".")[0] for k in expected}
         check_keys("GPT.from_pretrained", expected, hf, benign=_BENIGN_HF_KEYS + (
             (r"^lm_head\.weight$",) if config.tie_word_embeddings else ()),
