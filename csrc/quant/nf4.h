@@ -16,6 +16,17 @@
 // clamped absmax and stores that clamped value, exactly as bitsandbytes does.
 // Every kernel (CPU and CUDA) computes with these float32 operations in this
 // order, and the build disables FMA contraction so they stay two roundings.
+//
+// NaN and infinity, as bitsandbytes' quantize_4bit (torch ops: amax, clamp,
+// bucketize) gives them, so its dequantize_4bit gives back NaN / inf:
+//   * absmax is NaN when the block holds a NaN (torch.amax propagates it),
+//     else +inf when it holds +-inf;
+//   * a scaled value that is NaN gets code 15 (bucketize puts NaN past every
+//     boundary): every element of a NaN block, and each +-inf of an inf
+//     block (inf * (1 / inf) is NaN), whose finite elements get code 7 (0.0);
+//   * so dequantizing gives NaN for the whole NaN block, and for an inf
+//     block +inf at the +-inf elements (code 15 = 1.0 times inf; the sign
+//     of -inf is lost, as in bitsandbytes) and NaN elsewhere (0.0 * inf).
 #pragma once
 
 #include <cstdint>
@@ -58,18 +69,22 @@ inline constexpr float nf4_midpoint(int i) { return (kNF4Codes[i] + kNF4Codes[i 
 // Smallest absmax used as a divisor: an all-zero block quantizes to code 7.
 inline constexpr float kMinAbsmax = 1e-38f;
 
-// Code of a value already scaled to [-1, 1]: the number of midpoints below it
-// (torch.bucketize(x, midpoints, right=False)). Branch-free, so it vectorises.
+// max(absmax, 1e-38) that keeps a NaN absmax NaN (as torch.clamp does; fmaxf would not).
+LLMKIT_HOST_DEVICE inline float clamp_absmax(float amax) { return amax < kMinAbsmax ? kMinAbsmax : amax; }
+
+// Code of a scaled value: the number of midpoints below it
+// (torch.bucketize(x, midpoints, right=False)), counted as 15 minus the
+// midpoints at or above it so that NaN, which compares false with all of
+// them, gets 15 as in bucketize. The midpoints lie inside (-1, 1), so a value
+// needs no clamp to [-1, 1] first. Branch-free, so it vectorises.
 LLMKIT_HOST_DEVICE inline uint8_t nf4_code_of_scaled(float x) {
-  int code = 0;
+  int code = 15;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) code += (x > nf4_midpoint(i)) ? 1 : 0;
+  for (int i = 0; i < 15; ++i) code -= (x <= nf4_midpoint(i)) ? 1 : 0;
   return static_cast<uint8_t>(code);
 }
-
-LLMKIT_HOST_DEVICE inline float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
 
 inline constexpr int kNF4PadCode = 7;
 
@@ -111,8 +126,12 @@ int64_t check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& ab
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
                                const std::optional<at::Tensor>& offset, int64_t nested_blocksize);
+// `out` of dequantize_nf4_into: dtype, shape, contiguity, device, and no
+// memory shared with any input (the kernel would read what it has written).
 void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
-                          const at::Tensor& packed);
+                          const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset);
 void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, int64_t blocksize);
 
 // nf4_linear / nf4_linear_grad_input: checks `input` (x of (..., in_features),

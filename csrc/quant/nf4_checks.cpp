@@ -3,6 +3,9 @@
 #include "quant/nf4.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <utility>
 
 namespace llmkit::quant {
 
@@ -74,7 +77,9 @@ int64_t check_dequantize_nf4_args(const at::Tensor& packed, const at::Tensor& ab
 }
 
 void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
-                          const at::Tensor& packed) {
+                          const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset) {
   TORCH_CHECK_TYPE(out.scalar_type() == dtype, "dequantize_nf4: out has dtype ", out.scalar_type(),
                    " but the output dtype is ", dtype);
   TORCH_CHECK_VALUE(out.sizes() == shape, "dequantize_nf4: out has shape ", out.sizes(), " but the state says ",
@@ -82,6 +87,19 @@ void check_dequantize_out(const at::Tensor& out, at::IntArrayRef shape, at::Scal
   TORCH_CHECK_VALUE(out.is_contiguous(), "dequantize_nf4: out must be contiguous");
   TORCH_CHECK_VALUE(out.device() == packed.device(), "dequantize_nf4: out is on ", out.device(),
                     " but packed is on ", packed.device());
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"packed", &packed},
+      {"absmax", &absmax},
+      {"nested_absmax", nested_absmax.has_value() ? &*nested_absmax : nullptr},
+      {"nested_code", nested_code.has_value() ? &*nested_code : nullptr},
+      {"offset", offset.has_value() ? &*offset : nullptr}};
+  for (const auto& [name, t] : inputs) {
+    if (t == nullptr) continue;
+    const auto status = at::get_overlap_status(out, *t);
+    TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                      "dequantize_nf4: out shares memory with ", name,
+                      " (an input); give a separate output buffer");
+  }
 }
 
 void check_quantize_8bit_args(const at::Tensor& input, const at::Tensor& code, int64_t blocksize) {

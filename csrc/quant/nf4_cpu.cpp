@@ -36,18 +36,36 @@ LLMKIT_INLINE uint8_t pack_pair(uint8_t first, uint8_t second) { return static_c
 // Codes of x[from .. len) (from even), scaled as the format says (see nf4.h).
 LLMKIT_INLINE void quantize_pairs_scalar(const float* x, int64_t from, int64_t len, float clamped, bool full_block, uint8_t* out) {
   const float inv = 1.0f / clamped;
-  auto code = [&](float v) { return nf4_code_of_scaled(clamp_unit(full_block ? v * inv : v / clamped)); };
+  auto code = [&](float v) { return nf4_code_of_scaled(full_block ? v * inv : v / clamped); };
   int64_t i = from;
   for (; i + 1 < len; i += 2) out[i / 2] = pack_pair(code(x[i]), code(x[i + 1]));
   if (i < len) out[i / 2] = pack_pair(code(x[i]), kNF4PadCode);
 }
 
+// |x| as its bit pattern: for non-negative floats the unsigned integer order
+// is the float order, with +inf above every finite value and every NaN above
+// +inf. A max of these is therefore max |x| that comes out NaN when any x is
+// NaN (torch.amax, which bitsandbytes' quantize_4bit takes), where a float
+// max would drop the NaN; and it vectorises (vpmaxud / vpmaxsd).
+LLMKIT_INLINE uint32_t abs_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits & 0x7FFFFFFFu;
+}
+
+LLMKIT_INLINE float float_of_bits(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
 // Quantize `len` floats of one block (already converted to float32) into
 // out[0 .. ceil(len/2)); returns the absmax to store.
 LLMKIT_INLINE float quantize_block_scalar(const float* x, int64_t len, bool full_block, uint8_t* out) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float clamped = std::max(amax, kMinAbsmax);
+  uint32_t amax_bits = 0;
+  for (int64_t i = 0; i < len; ++i) amax_bits = std::max(amax_bits, abs_bits(x[i]));
+  const float amax = float_of_bits(amax_bits);
+  const float clamped = clamp_absmax(amax);
   quantize_pairs_scalar(x, 0, len, clamped, full_block, out);
   return full_block ? amax : clamped;
 }
@@ -56,12 +74,14 @@ LLMKIT_INLINE float quantize_block_scalar(const float* x, int64_t len, bool full
 // --------------------------------------------------------------- AVX2 path --
 #ifdef LLMKIT_X86
 
+// nf4_code_of_scaled, 8 lanes: 15 minus the midpoints at or above the value
+// (an ordered compare is false for NaN, which so gets 15). No clamp: min/max
+// would turn NaN into -1 or 1, and the midpoints lie inside (-1, 1) anyway.
 LLMKIT_AVX2 LLMKIT_INLINE __m256i nf4_codes_avx2(__m256 scaled) {
-  scaled = _mm256_min_ps(_mm256_max_ps(scaled, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(1.0f));
-  __m256i code = _mm256_setzero_si256();
-  for (int k = 0; k < 15; ++k) {  // count midpoints below: a true compare is -1
-    const __m256 gt = _mm256_cmp_ps(scaled, _mm256_set1_ps(nf4_midpoint(k)), _CMP_GT_OQ);
-    code = _mm256_sub_epi32(code, _mm256_castps_si256(gt));
+  __m256i code = _mm256_set1_epi32(15);
+  for (int k = 0; k < 15; ++k) {  // a true compare is -1
+    const __m256 le = _mm256_cmp_ps(scaled, _mm256_set1_ps(nf4_midpoint(k)), _CMP_LE_OQ);
+    code = _mm256_add_epi32(code, _mm256_castps_si256(le));
   }
   return code;
 }
@@ -80,17 +100,22 @@ LLMKIT_AVX2 LLMKIT_INLINE void store_packed16_avx2(__m256i a, __m256i b, uint8_t
 }
 
 LLMKIT_AVX2 LLMKIT_INLINE float quantize_block_avx2(const float* x, int64_t len, bool full_block, uint8_t* out) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 vmax = _mm256_setzero_ps();
+  // max |x| on the bit patterns (abs_bits): NaN-propagating, as the scalar path.
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i vmax = _mm256_setzero_si256();
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  float amax = 0.0f;
-  for (float v : lanes) amax = std::max(amax, v);
-  for (; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (; i + 8 <= len; i += 8) {
+    const __m256i bits = _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + i)), magnitude);
+    vmax = _mm256_max_epu32(vmax, bits);
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+  uint32_t amax_bits = 0;
+  for (uint32_t v : lanes) amax_bits = std::max(amax_bits, v);
+  for (; i < len; ++i) amax_bits = std::max(amax_bits, abs_bits(x[i]));
+  const float amax = float_of_bits(amax_bits);
 
-  const float clamped = std::max(amax, kMinAbsmax);
+  const float clamped = clamp_absmax(amax);
   const __m256 vinv = _mm256_set1_ps(1.0f / clamped);
   const __m256 vdiv = _mm256_set1_ps(clamped);
   i = 0;
@@ -195,10 +220,10 @@ void dequantize_nf4_cpu_into(const at::Tensor& packed_, const at::Tensor& absmax
   const auto shape = C10_AS_INTARRAYREF_SLOW(shape_);
   const int64_t n = check_dequantize_nf4_args(packed_, absmax_, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                             nested_blocksize);
+  check_dequantize_out(out, shape, dtype, packed_, absmax_, nested_absmax, nested_code, offset);
   const at::Tensor packed = packed_.contiguous();
   const at::Tensor absmax = absmax_.contiguous();
   const int64_t blocks = absmax.numel();
-  check_dequantize_out(out, shape, dtype, packed);
   const uint8_t* in = packed.const_data_ptr<uint8_t>();
   const bool simd = use_simd();
 

@@ -65,11 +65,16 @@ LLMKIT_AVX2 LLMKIT_INLINE void dequant8_avx2(const uint8_t* in, __m256 scale, __
   out1 = _mm256_permute2f128_ps(a, b, 0x31);
 }
 
-LLMKIT_AVX2 LLMKIT_INLINE __m128i to_bf16_avx2(__m256 v) {  // round to nearest even (finite values)
+// Round to nearest even, as c10::BFloat16 does (the scalar path): the
+// integer rounding is right for finite values and +-inf, and a NaN becomes
+// c10's 0x7FC0 (rounding its bits could carry a NaN into an infinity or -0).
+LLMKIT_AVX2 LLMKIT_INLINE __m128i to_bf16_avx2(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded =
+  __m256i rounded =
       _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
   const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per-lane: 0..3 4..7 twice
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
 }

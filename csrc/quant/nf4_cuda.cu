@@ -33,6 +33,12 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+__device__ __forceinline__ unsigned warp_max_bits(unsigned v) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, s));
+  return v;
+}
+
 __constant__ float kDeviceNF4Codes[16] = {
     kNF4Codes[0], kNF4Codes[1], kNF4Codes[2],  kNF4Codes[3],  kNF4Codes[4],  kNF4Codes[5],
     kNF4Codes[6], kNF4Codes[7], kNF4Codes[8],  kNF4Codes[9],  kNF4Codes[10], kNF4Codes[11],
@@ -50,16 +56,19 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t n, int bloc
   const int len = static_cast<int>(min(static_cast<int64_t>(blocksize), n - start));
   const bool full_block = len == blocksize;
 
-  float amax = 0.0f;
-  for (int i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(C::to_float(xd[start + i])));
-  amax = warp_max(amax);
-  const float clamped = fmaxf(amax, kMinAbsmax);
+  // max |x| on the bit patterns, NaN-propagating (see abs_bits in nf4_cpu.cpp):
+  // fmaxf would drop a NaN, where bitsandbytes' absmax is NaN.
+  unsigned amax_bits = 0;
+  for (int i = lane; i < len; i += 32) amax_bits = max(amax_bits, __float_as_uint(fabsf(C::to_float(xd[start + i]))));
+  amax_bits = warp_max_bits(amax_bits);
+  const float amax = __uint_as_float(amax_bits);
+  const float clamped = clamp_absmax(amax);
   const float inv = __fdiv_rn(1.0f, clamped);
   if (lane == 0) absmax[b] = full_block ? amax : clamped;
 
   auto code = [&](int i) -> uint8_t {
     const float v = C::to_float(xd[start + i]);
-    return nf4_code_of_scaled(clamp_unit(full_block ? __fmul_rn(v, inv) : __fdiv_rn(v, clamped)));
+    return nf4_code_of_scaled(full_block ? __fmul_rn(v, inv) : __fdiv_rn(v, clamped));
   };
   const int pairs = (len + 1) / 2;
   for (int p = lane; p < pairs; p += 32) {
@@ -182,9 +191,9 @@ void dequantize_nf4_cuda_into(const at::Tensor& packed_, const at::Tensor& absma
   const int64_t n = check_dequantize_nf4_args(packed_, absmax_, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                             nested_blocksize);
   const c10::cuda::CUDAGuard guard(packed_.device());
+  check_dequantize_out(out, shape, dtype, packed_, absmax_, nested_absmax, nested_code, offset);
   const at::Tensor packed = packed_.contiguous();
   const at::Tensor absmax = absmax_.contiguous();
-  check_dequantize_out(out, shape, dtype, packed);
   at::Tensor absmax2, code2, off;
   const bool nested = nested_absmax.has_value();
   if (nested) {

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import NF4State, dequantize_nf4, quantize_nf4
+from ..ops.quant import check_quant_type
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,16 +56,28 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 class Linear4bit(nn.Module):
     """``y = x @ dequant(W).T + bias`` with W frozen in NF4.
 
+    The constructor has ``bitsandbytes.nn.Linear4bit``'s signature (0.50),
+    positions included, so its call sites run unchanged; llmkit's own
+    options (``blocksize``, and ``double_quant``, its older name for
+    compress_statistics) are keyword-only.
+
     Args:
-        in_features, out_features, bias: as ``nn.Linear`` (the weight is
-            initialised like ``nn.Linear``'s, then quantized).
+        input_features, output_features, bias: as ``nn.Linear``'s in/out
+            features and bias (the weight is initialised like
+            ``nn.Linear``'s, then quantized).
         compute_dtype: dtype the matmul runs in (x is cast to it and the
             output cast back to x's dtype, as bitsandbytes does). Defaults to
             the dtype the weight had before quantization.
-        blocksize: NF4 block (a power of two, 32 to 4096; QLoRA uses 64).
-        double_quant: quantize the absmax too (bitsandbytes'
-            ``compress_statistics``): 4.127 instead of 4.5 bits per weight.
+        compress_statistics: quantize the absmax too (double quantization):
+            4.127 instead of 4.5 bits per weight.
+        quant_type: "nf4". bitsandbytes' default is "fp4", a format llmkit
+            does not implement, so llmkit's default is "nf4" (what QLoRA and
+            transformers' ``bnb_4bit_quant_type="nf4"`` use); "fp4" raises
+            NotImplementedError.
+        quant_storage: torch.uint8 (other storage dtypes: NotImplementedError).
         device: where the weight lives.
+        blocksize: NF4 block (a power of two, 32 to 4096; QLoRA uses 64).
+        double_quant: alias of compress_statistics.
 
     The packed weight is a frozen uint8 ``nn.Parameter`` named ``weight``
     (like bitsandbytes' ``Params4bit``, so ``parameters()`` lists it) and the
@@ -72,12 +85,19 @@ class Linear4bit(nn.Module):
     moves both.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 compute_dtype: torch.dtype | None = None, blocksize: int = 64,
-                 double_quant: bool = True, device=None):
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 compute_dtype: torch.dtype | None = None, compress_statistics: bool = True,
+                 quant_type: str = "nf4", quant_storage: torch.dtype = torch.uint8, device=None, *,
+                 blocksize: int = 64, double_quant: bool | None = None):
         super().__init__()
-        dense = nn.Linear(in_features, out_features, bias=bias, device=device)
-        self._init_from(dense.weight.detach(), dense.bias, compute_dtype, blocksize, double_quant)
+        check_quant_type(quant_type, quant_storage)
+        if double_quant is not None:
+            if double_quant != compress_statistics and not compress_statistics:
+                raise ValueError("compress_statistics=False and double_quant=True disagree; double_quant is "
+                                 "llmkit's name for compress_statistics: give one")
+            compress_statistics = double_quant
+        dense = nn.Linear(input_features, output_features, bias=bias, device=device)
+        self._init_from(dense.weight.detach(), dense.bias, compute_dtype, blocksize, bool(compress_statistics))
 
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None,
@@ -229,3 +249,13 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.dtype}")
+
+
+class LinearNF4(Linear4bit):
+    """bitsandbytes' ``LinearNF4``: :class:`Linear4bit` with quant_type "nf4", same signature as bitsandbytes'."""
+
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 compute_dtype: torch.dtype | None = None, compress_statistics: bool = True,
+                 quant_storage: torch.dtype = torch.uint8, device=None, *, blocksize: int = 64):
+        super().__init__(input_features, output_features, bias, compute_dtype, compress_statistics, "nf4",
+                         quant_storage, device, blocksize=blocksize)

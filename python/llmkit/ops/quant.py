@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
 from .quant_state import NestedState, NF4State, cached_dynamic_map
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,30 +20,51 @@ def _check_tensor(name: str, t, device_of: torch.Tensor | None = None) -> None:
     check_tensor(name, t, device_of, device_of_name="the packed tensor")
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, compress_statistics: bool = False, quant_type: str = "nf4",
+                 quant_storage: torch.dtype = torch.uint8, *,
+                 double_quant: bool | None = None) -> tuple[torch.Tensor, NF4State]:
     """Quantize `w` to NF4 in blocks of `blocksize` elements (QLoRA).
+
+    The keywords are bitsandbytes' ``quantize_4bit`` ones, so its call sites
+    (``quantize_4bit(w, blocksize=64, compress_statistics=True,
+    quant_type="nf4")``) run unchanged with ``quantize_nf4`` in its place.
 
     Args:
         w: float32, float16 or bfloat16 tensor of any shape (flattened in
-            row-major order; a last partial block is allowed).
+            row-major order; a last partial block is allowed; not empty).
         blocksize: power of two in [32, 4096]; 64 is QLoRA's.
-        double_quant: also quantize the per-block absmax to 8 bits (blocks of
-            256, offset = mean), bitsandbytes' ``compress_statistics=True``:
+        compress_statistics: also quantize the per-block absmax to 8 bits
+            (blocks of 256, offset = mean), QLoRA's double quantization:
             0.127 instead of 0.5 bits of state per parameter.
+        quant_type: "nf4" (the only format llmkit implements; "fp4" raises
+            NotImplementedError).
+        quant_storage: torch.uint8 (bitsandbytes' other storage dtypes raise
+            NotImplementedError).
+        double_quant: llmkit's older name for compress_statistics (keyword).
+
+    NaN and inf are kept as bitsandbytes keeps them: a block holding a NaN
+    gets absmax NaN (it dequantizes to NaN), one holding +-inf absmax inf
+    (the infinities dequantize to +inf, the block's finite values to NaN).
 
     Returns:
         ``(packed, state)``: packed is uint8 of shape ``((n+1)//2, 1)``, two
         codes a byte, the first element in the high nibble; state an
         :class:`NF4State`. Equal, byte for byte, to
-        ``bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
-        compress_statistics=double_quant)``.
+        ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
+        quant_type="nf4", compress_statistics=compress_statistics)``.
     """
     _check_tensor("w", w)
     if not isinstance(blocksize, int) or isinstance(blocksize, bool):
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if double_quant is not None:
+        if compress_statistics and not double_quant:
+            raise ValueError("compress_statistics=True and double_quant=False disagree; double_quant is "
+                             "llmkit's name for compress_statistics: give one")
+        compress_statistics = double_quant
+    check_quant_type(quant_type, quant_storage)
     packed, absmax = torch.ops.llmkit.quantize_nf4(w, blocksize)
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
-    if double_quant:
+    if compress_statistics:
         offset = absmax.mean()
         code = cached_dynamic_map(w.device)
         qabsmax, absmax2 = torch.ops.llmkit.quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
@@ -51,6 +72,16 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         state.offset = offset
         state.state2 = NestedState(absmax=absmax2, code=code, blocksize=NESTED_BLOCKSIZE)
     return packed, state
+
+
+def check_quant_type(quant_type, quant_storage) -> None:
+    """bitsandbytes' quant_type / quant_storage arguments: NF4 in uint8 is what llmkit implements."""
+    if quant_type == "fp4":
+        raise NotImplementedError("quant_type='fp4': llmkit implements NF4 only (quant_type='nf4', QLoRA's format)")
+    if quant_type != "nf4":
+        raise ValueError(f"quant_type must be 'nf4' (or bitsandbytes' 'fp4', not supported), got {quant_type!r}")
+    if quant_storage != torch.uint8:
+        raise NotImplementedError(f"quant_storage={quant_storage}: llmkit stores NF4 codes as torch.uint8 only")
 
 
 def dequantize_nf4(
@@ -62,7 +93,8 @@ def dequantize_nf4(
     `out_dtype` defaults to the dtype that was quantized. Equal to
     ``bitsandbytes.functional.dequantize_4bit(packed, state)``; double-quantized
     absmax is decoded inside the kernel, never materialised. With `out` (a
-    contiguous tensor of ``state.shape``), writes there: reusing one buffer
+    contiguous tensor of ``state.shape``, sharing no memory with `packed` or
+    the state: ValueError otherwise), writes there: reusing one buffer
     avoids the page faults of a fresh allocation on every call.
     """
     if not isinstance(state, NF4State):
@@ -72,6 +104,9 @@ def dequantize_nf4(
             raise TypeError(f"state must be an NF4State or a bitsandbytes QuantState, got {type(state).__name__}")
     _check_tensor("packed", packed)
     _check_tensor("state.absmax", state.absmax, packed)
+    if state.state2 is not None:
+        _check_tensor("state.state2.absmax", state.state2.absmax, packed)
+        _check_tensor("state.offset", state.offset, packed)
     if out is not None:
         _check_tensor("out", out, packed)
         if out_dtype is not None and out_dtype != out.dtype:
@@ -116,20 +151,28 @@ def _quantize_nf4_fake(input, blocksize):
     return packed, absmax
 
 
+def _same_device_as_packed(op, packed, absmax, nested_absmax=None, nested_code=None, offset=None, **others):
+    check_same_device(op, ("packed", packed), ("absmax", absmax), ("nested_absmax", nested_absmax),
+                      ("nested_code", nested_code), ("offset", offset), *others.items())
+
+
 @torch.library.register_fake("llmkit::dequantize_nf4")
 def _dequantize_nf4_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
                          offset=None, nested_blocksize=256):
+    _same_device_as_packed("dequantize_nf4", packed, absmax, nested_absmax, nested_code, offset)
     return packed.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("llmkit::dequantize_nf4_into")
 def _dequantize_nf4_into_fake(packed, absmax, blocksize, shape, dtype, nested_absmax=None, nested_code=None,
                               offset=None, nested_blocksize=256, *, out):
+    _same_device_as_packed("dequantize_nf4", packed, absmax, nested_absmax, nested_code, offset, out=out)
     return None
 
 
 @torch.library.register_fake("llmkit::quantize_blockwise_8bit")
 def _quantize_blockwise_8bit_fake(input, code, blocksize):
+    check_same_device("quantize_blockwise_8bit", ("input", input), ("code", code))
     n = input.numel()
     return input.new_empty(input.shape, dtype=torch.uint8), input.new_empty(
         ((n + blocksize - 1) // blocksize,), dtype=torch.float32
@@ -154,8 +197,12 @@ def nf4_op_args(packed: torch.Tensor, state) -> list:
     state = as_nf4_state(state)
     _check_tensor("packed", packed)
     _check_tensor("state.absmax", state.absmax, packed)
+    if state.state2 is not None:
+        _check_tensor("state.state2.absmax", state.state2.absmax, packed)
+        _check_tensor("state.offset", state.offset, packed)
     if len(state.shape) != 2:
-        raise ValueError(f"an NF4 linear weight must be 2-D (out_features, in_features), the state says {tuple(state.shape)}")
+        raise ValueError("an NF4 linear weight must be 2-D (out_features, in_features), "
+                         f"the state says {tuple(state.shape)}")
     if state.state2 is None:
         return [packed, state.absmax, state.blocksize, list(state.shape), None, None, None, NESTED_BLOCKSIZE]
     s2 = state.state2
@@ -173,8 +220,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     GEMM. Differentiable with respect to x (the gradient flows through the
     frozen weight, as QLoRA needs) and bias; never with respect to the weight.
     """
-    _check_tensor("x", x)
     args = nf4_op_args(packed, state)
+    _check_tensor("x", x, packed)
     if bias is not None:
         _check_tensor("bias", bias, packed)
     return torch.ops.llmkit.nf4_linear(x, *args, bias)
@@ -205,10 +252,13 @@ torch.library.register_autograd("llmkit::nf4_linear", _nf4_linear_backward, setu
 @torch.library.register_fake("llmkit::nf4_linear")
 def _nf4_linear_fake(x, packed, absmax, blocksize, shape, nested_absmax=None, nested_code=None, offset=None,
                      nested_blocksize=256, bias=None):
+    _same_device_as_packed("nf4_linear", packed, absmax, nested_absmax, nested_code, offset, x=x, bias=bias)
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
 @torch.library.register_fake("llmkit::nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_out, packed, absmax, blocksize, shape, nested_absmax=None, nested_code=None,
                                 offset=None, nested_blocksize=256):
+    _same_device_as_packed("nf4_linear_grad_input", packed, absmax, nested_absmax, nested_code, offset,
+                           grad_out=grad_out)
     return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))

@@ -192,7 +192,8 @@ class NF4State:
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> "NF4State":
         """Inverse of :meth:`as_dict`; accepts packed or unpacked dicts, with or
         without module prefixes on the keys (``weight.absmax`` ...)."""
-        items = {k.split(".")[-1] if not k.endswith("bitsandbytes__nf4") else _PACKED_KEY: v for k, v in qs_dict.items()}
+        items = {k.split(".")[-1] if not k.endswith("bitsandbytes__nf4") else _PACKED_KEY: v
+                 for k, v in qs_dict.items()}
         packed_keys = [k for k in items if k.endswith("bitsandbytes__fp4")]
         if packed_keys:
             raise ValueError("this quant state is FP4; llmkit reads NF4 states only")
@@ -251,11 +252,13 @@ class NF4State:
     def from_bnb(cls, quant_state) -> "NF4State":
         """From a ``bitsandbytes.functional.QuantState`` (NF4 only)."""
         if getattr(quant_state, "quant_type", None) != "nf4":
-            raise ValueError(f"quant_type {getattr(quant_state, 'quant_type', None)!r} is not supported; llmkit reads NF4 states")
+            raise ValueError(f"quant_type {getattr(quant_state, 'quant_type', None)!r} is not supported; "
+                             "llmkit reads NF4 states")
         state2 = None
         if quant_state.state2 is not None:
             s2 = quant_state.state2
-            state2 = NestedState(absmax=s2.absmax, code=s2.code, blocksize=int(s2.blocksize), dtype=s2.dtype or torch.float32)
+            state2 = NestedState(absmax=s2.absmax, code=s2.code, blocksize=int(s2.blocksize),
+                                 dtype=s2.dtype or torch.float32)
         return cls(
             absmax=quant_state.absmax,
             shape=torch.Size(quant_state.shape),
