@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/cpu_softmax.h"
@@ -27,11 +28,19 @@ inline void gelu_scalar(const float* x, float* y, int64_t n) {
   }
 }
 
+// du/dx grows as x^2, which overflows float32 past |x| ~ 1.8e19 and would make
+// 0 (the saturated 1 - t^2) times inf = NaN where the derivative is 1 or 0.
+// Beyond |x| = 100, 1 - t^2 is exactly 0 in float32, so du is computed from x
+// clamped there: the same value below, the right 0 term above (inf and NaN
+// inputs still give NaN through the other factors, as the reference does).
+constexpr float kDuClamp = 100.f;
+
 inline void gelu_backward_scalar(const float* g, const float* x, float* dx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float t = std::tanh(kSqrt2OverPi * (v + kCubic * v * v * v));
-    const float du = kSqrt2OverPi * (1.f + 3.f * kCubic * v * v);
+    const float vc = std::min(std::max(v, -kDuClamp), kDuClamp);
+    const float du = kSqrt2OverPi * (1.f + 3.f * kCubic * vc * vc);
     dx[i] = g[i] * (0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * du);
   }
 }
@@ -65,7 +74,8 @@ LLMKIT_AVX2 void gelu_backward_avx2(const float* g, const float* x, float* dx, i
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     const __m256 t = tanh8(inner8(v));
-    const __m256 du = _mm256_fmadd_ps(c3, _mm256_mul_ps(v, v), c);  // sqrt(2/pi) (1 + 3 * 0.044715 v^2)
+    const __m256 vc = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-kDuClamp)), _mm256_set1_ps(kDuClamp));
+    const __m256 du = _mm256_fmadd_ps(c3, _mm256_mul_ps(vc, vc), c);  // sqrt(2/pi) (1 + 3 * 0.044715 v^2)
     const __m256 sech2 = _mm256_fnmadd_ps(t, t, one);                // 1 - t^2
     const __m256 d = _mm256_fmadd_ps(_mm256_mul_ps(half, v), _mm256_mul_ps(sech2, du),
                                      _mm256_mul_ps(half, _mm256_add_ps(one, t)));

@@ -11,6 +11,14 @@
 // the op widens fp16/bf16 inputs to fp32 once (linear cost, and sgemm then
 // reads every operand in place) and rounds the results once at the end.
 //
+// NaN and infinity propagate as in softmax(scale q k^T + bias) @ v: a NaN
+// (or an inf that makes a score inf - inf) in q, k or the bias at a visible
+// (query, key) pair makes that query's output row and lse NaN, and the
+// gradients that flow through the pair NaN; masked pairs never contribute.
+// One exception, shared with SDPA and flash-attn: a non-finite V row of a
+// key that a query cannot see may still reach that query when both fall in
+// one block, through the masked probability's exact 0 times it (0 * inf).
+//
 // Threads: the forward parallelises over (sequence, query head, query block);
 // the backward over (sequence, kv head, split of the query blocks), each task
 // owning the dQ rows of its query blocks and private fp32 dK/dV accumulators
@@ -313,13 +321,24 @@ void forward_impl(const AttentionParams& p) {
         if (!c.keys) mask_chunk(sv, i0, rows, c.first, n, s, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = s + r * n;
-          const float m_new = std::max(m[r], simd.row_max(row, n));
+          // A NaN score (from q, k or the bias of a visible pair; invisible
+          // pairs are -inf by now) turns m into NaN, which then sticks
+          // (std::max returns its first argument when one is NaN) and makes
+          // l, the output row and lse NaN, as softmax does. row_max skips
+          // NaNs, so they are found from the sum (NaN when any score is), or,
+          // where the max is +-inf and the sum cannot tell, by a scan.
+          float m_new = std::max(m[r], simd.row_max(row, n));
+          if ((m_new == kNegInf || m_new == -kNegInf) && softmax::any_nan(row, n)) {
+            m_new = std::numeric_limits<float>::quiet_NaN();
+          }
           if (m_new == kNegInf) {  // nothing visible yet: contributes nothing
             std::fill(row, row + n, 0.f);
             continue;
           }
           const float alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
-          l[r] = l[r] * alpha + simd.exp_shift_sum(row, n, m_new);
+          const float sum = simd.exp_shift_sum(row, n, m_new);
+          if (sum != sum && std::isfinite(m_new)) m_new = sum;  // a NaN among finite scores (with +inf: inf - inf)
+          l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != 1.f) {
             float* a = acc.data() + r * d;
@@ -335,7 +354,8 @@ void forward_impl(const AttentionParams& p) {
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == 0.f;
         store_row(acc.data() + r * d, empty ? 0.f : 1.f / l[r], d, out_rows + r * p.out_row_stride);
-        lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
+        // A +inf score: logsumexp is +inf (l is NaN there, from inf - inf), the row NaN.
+        lse[r] = empty ? kNegInf : (m[r] == -kNegInf ? m[r] : m[r] + std::log(l[r]));
       }
     }
   });
@@ -427,8 +447,17 @@ void backward_impl(const AttentionGradParams& p) {
             if (!idx) mask_chunk(sv, i0, rows, c0, n, s, n);
             for (int64_t r = 0; r < rows; ++r) {
               float* row = s + r * n;
-              if (lse_row[r] == kNegInf) std::fill(row, row + n, 0.f);
-              else simd.exp_shift_sum(row, n, lse_row[r]);
+              if (lse_row[r] == kNegInf) {
+                std::fill(row, row + n, 0.f);
+              } else if (std::isnan(lse_row[r])) {
+                // The forward saw a NaN in this row: P is NaN at the visible
+                // pairs (so the gradients they feed are NaN, as softmax's) and
+                // 0 at the invisible ones (-inf scores), which exp(-inf - NaN)
+                // would make NaN too.
+                for (int64_t j = 0; j < n; ++j) row[j] = row[j] == kNegInf ? 0.f : lse_row[r];
+              } else {
+                simd.exp_shift_sum(row, n, lse_row[r]);
+              }
             }
             // dV += P^T dO (gathered keys: into a scratch block, added below)
             float* dv_dst = idx ? grad_buf.data() : dv_f.data() + c0 * d;

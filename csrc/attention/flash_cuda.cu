@@ -95,11 +95,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// max that returns NaN when either is NaN (fmaxf returns the other one): the
+// running row max of the online softmax must turn NaN with a NaN score, so
+// that lse is NaN, not +inf, for a row holding a NaN and a +inf (the CPU
+// kernel and the reference agree); a finite max would only make l NaN.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // Reductions over the 16 threads of one row (a half-warp; xor < 16 stays in it).
 // Every lane of the warp must call them.
 __device__ __forceinline__ float row_max(float v) {
 #pragma unroll
-  for (int s = 8; s > 0; s >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, s));
+  for (int s = 8; s > 0; s >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, s));
   return v;
 }
 __device__ __forceinline__ float row_sum(float v) {
@@ -358,10 +364,10 @@ __global__ void __launch_bounds__(kThreads)
         const bool vis = row < qn && col < kn &&
                          (w(q0 + row, k0 + col) || (g != nullptr && (sQg[row] | sKg[col]) != 0));
         sc[r][c] = vis ? __fmul_rn(sc[r][c], p.scale) : -INFINITY;
-        mx = fmaxf(mx, sc[r][c]);
+        mx = nan_max(mx, sc[r][c]);
       }
       mx = row_max(mx);
-      const float m_new = fmaxf(m[r], mx);
+      const float m_new = nan_max(m[r], mx);
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;
       const float alpha = expf(__fsub_rn(m[r], m_use));  // 0 while m was -inf
       m[r] = m_new;
@@ -399,15 +405,19 @@ __global__ void __launch_bounds__(kThreads)
   float* lp = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start + q0;
 #pragma unroll
   for (int r = 0; r < kRM; ++r) {
-    const float lt = row_sum(l[r]);  // > 0 iff the row saw a key (its max contributes exp(0))
+    // lt > 0 iff the row saw a key (its max contributes exp(0)); NaN when a
+    // visible score was NaN (m is NaN then, and so is every exp), and the
+    // row then gets NaN out and lse like softmax, not the no-key 0 / -inf.
+    const float lt = row_sum(l[r]);
     const int row = ty * kRM + r;
     if (row < qn) {
 #pragma unroll
       for (int c = 0; c < kCD; ++c) {
         const int col = tx + c * kTX;
-        if (col < hd) op[row * p.out_row_stride + col] = from_float<D>(lt > 0.0f ? __fdiv_rn(acc[r][c], lt) : 0.0f);
+        if (col < hd) op[row * p.out_row_stride + col] = from_float<D>(lt != 0.0f ? __fdiv_rn(acc[r][c], lt) : 0.0f);
       }
-      if (tx == 0) lp[row] = lt > 0.0f ? __fadd_rn(m[r], logf(lt)) : -INFINITY;
+      // a +inf score: logsumexp +inf (lt is NaN there, from inf - inf), as the CPU kernel
+      if (tx == 0) lp[row] = lt != 0.0f ? (m[r] == INFINITY ? INFINITY : __fadd_rn(m[r], logf(lt))) : -INFINITY;
     }
   }
 }

@@ -304,11 +304,11 @@ __global__ void __launch_bounds__(kThreads)
             if (!vis) x = -INFINITY;
           }
           sc[n][2 * rh + e] = x;
-          mx = fmaxf(mx, x);
+          mx = nan_max(mx, x);
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[rh], mx);
+      mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = nan_max(m[rh], mx);  // NaN-propagating (flash_cuda.cu)
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;
       const float alpha = exp2f(__fsub_rn(m[rh], m_use));  // 0 while m was -inf, 1 if unchanged
       m[rh] = m_new;
@@ -375,10 +375,12 @@ __global__ void __launch_bounds__(kThreads)
     float lt = l[rh];
     lt = __fadd_rn(lt, __shfl_xor_sync(0xffffffffu, lt, 1));
     lt = __fadd_rn(lt, __shfl_xor_sync(0xffffffffu, lt, 2));
-    // lt > 0 iff the row saw a key (its max contributes 2^0 = 1).
+    // lt > 0 iff the row saw a key (its max contributes 2^0 = 1); NaN when a
+    // visible score was NaN (m is NaN then, and so is every exp2): the row
+    // then gets NaN out and lse like softmax, not the no-key 0 / -inf.
     const int row = row0 + 8 * rh;
     if (row < qn) {
-      const float inv = lt > 0.0f ? __frcp_rn(lt) : 0.0f;
+      const float inv = lt != 0.0f ? __frcp_rn(lt) : 0.0f;
       D* orow = op + row * p.out_row_stride;
 #pragma unroll
       for (int n = 0; n < kND; ++n) {
@@ -392,7 +394,10 @@ __global__ void __launch_bounds__(kThreads)
           orow[col + 1] = from_float<D>(x1);
         }
       }
-      if (tig == 0) lp[row] = lt > 0.0f ? __fadd_rn(__fmul_rn(m[rh], kLn2), logf(lt)) : -INFINITY;
+      if (tig == 0) {  // a +inf score: logsumexp +inf (lt is NaN there), as the CPU kernel
+        lp[row] = lt != 0.0f ? (m[rh] == INFINITY ? INFINITY : __fadd_rn(__fmul_rn(m[rh], kLn2), logf(lt)))
+                             : -INFINITY;
+      }
     }
   }
 #else

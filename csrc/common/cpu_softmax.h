@@ -23,7 +23,8 @@ namespace llmkit::softmax {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // P[j] = exp(S[j] - shift) in place, returning the sum. exp underflows to 0
-// below -87.3, so masked scores (-inf) give exactly 0.
+// below -87.3, so masked scores (-inf) give exactly 0; a NaN score or shift
+// gives a NaN P[j] and so a NaN sum (as std::exp and torch's softmax do).
 
 inline float exp_shift_sum_scalar(float* s, int64_t n, float shift) {
   float sum = 0.f;
@@ -35,10 +36,22 @@ inline float exp_shift_sum_scalar(float* s, int64_t n, float shift) {
   return sum;
 }
 
+// The max of the non-NaN elements (-inf if there is none). Callers learn of
+// a NaN from exp_shift_sum, whose sum it makes NaN: tracking NaNs here
+// would cost the attention rows ~40% of this loop (measured), for a case
+// the sums already reveal.
 inline float row_max_scalar(const float* s, int64_t n) {
   float m = kNegInf;
   for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
   return m;
+}
+
+// Whether any of s[0 .. n) is NaN: for the rare rows whose max is +-inf,
+// where the sum cannot tell a NaN from inf - inf.
+inline bool any_nan(const float* s, int64_t n) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= s[j] != s[j];
+  return nan;
 }
 
 #ifdef LLMKIT_X86
@@ -48,11 +61,13 @@ inline float row_max_scalar(const float* s, int64_t n) {
 // exp for 8 floats as 2^t, t = x log2(e): 2^round(t) goes straight into
 // the exponent bits, 2^f (|f| <= 1/2) is a degree-6 polynomial; ~2 ulp for
 // the scores that matter (|x| small), and 16 instructions. t < -125 -> 0,
-// so masked scores (-inf) give exactly 0.
+// so masked scores (-inf) give exactly 0. NaN stays NaN: max/min return
+// their SECOND operand when one is NaN, so t goes second in the clamp (the
+// other order would turn NaN into 2^-125 and a NaN score into a weight ~0).
 LLMKIT_AVX2 LLMKIT_INLINE __m256 exp8(__m256 x) {
   __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 underflow = _mm256_cmp_ps(t, _mm256_set1_ps(-125.f), _CMP_LT_OQ);
-  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-125.f)), _mm256_set1_ps(127.f));
+  t = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-125.f), t));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
   __m256 p = _mm256_set1_ps(1.54035303933816e-4f);  // ln2^k / k!, k = 6 .. 0
@@ -95,10 +110,11 @@ LLMKIT_AVX2 inline float exp_shift_sum_avx2(float* s, int64_t n, float shift) {
   return sum;
 }
 
+// As row_max_scalar: the max of the non-NaN elements.
 LLMKIT_AVX2 inline float row_max_avx2(const float* s, int64_t n) {
   __m256 m = _mm256_set1_ps(kNegInf);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(_mm256_loadu_ps(s + j), m);  // m second: a NaN x is skipped
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, m);
   float r = kNegInf;

@@ -6,7 +6,8 @@
 // aligned moves with 16-byte loads/stores (two for float32), the tail and
 // unaligned buffers element by element. Per element: keep from
 // dropout_keep(seed, flat index, threshold), then float(x) * scale rounded to
-// the dtype, or 0 when dropped: the CPU kernel's float operations in its order.
+// the dtype, or float(x) * 0 when dropped (0, or NaN for a NaN / inf x, as
+// torch's dropout): the CPU kernel's float operations in its order.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -34,8 +35,8 @@ template <typename T>
 __device__ __forceinline__ typename Convert<T>::Device dropout_one(typename Convert<T>::Device v, uint64_t seed,
                                                                    uint64_t index, uint32_t threshold, float scale) {
   using C = Convert<T>;
-  const float scaled = __fmul_rn(C::to_float(v), scale);
-  return C::from_float(dropout_keep(seed, index, threshold) ? scaled : 0.0f);
+  // x * (keep ? scale : 0), as the CPU kernel: a dropped NaN / inf stays NaN.
+  return C::from_float(__fmul_rn(C::to_float(v), dropout_keep(seed, index, threshold) ? scale : 0.0f));
 }
 
 template <typename T>

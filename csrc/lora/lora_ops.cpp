@@ -51,9 +51,10 @@ inline __attribute__((always_inline)) void dropout_range(const T* in, T* out, in
     const T* src = in + run;
     T* dst = out + run;
     for (int64_t j = 0; j < len; ++j) {
-      const float v = static_cast<float>(src[j]) * scale;
+      // x * (keep ? 1/(1-p) : 0), a product as torch's dropout and the
+      // reference: a dropped NaN / inf stays NaN (0 * NaN), not 0.
       const bool keep = dropout_mix(first + static_cast<uint32_t>(j), seed_low, high) >= threshold;
-      dst[j] = static_cast<T>(keep ? v : 0.0f);
+      dst[j] = static_cast<T>(static_cast<float>(src[j]) * (keep ? scale : 0.0f));
     }
     run = run_end;
   }
@@ -90,8 +91,8 @@ __attribute__((target("avx2"))) void dropout_range_avx2(const float* in, float* 
       z = _mm256_mullo_epi32(z, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
       z = _mm256_xor_si256(z, _mm256_srli_epi32(z, 16));
       const __m256i keep = _mm256_cmpgt_epi32(_mm256_srli_epi32(z, 8), below);
-      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(in + run + j), vscale);
-      _mm256_storeu_ps(out + run + j, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+      const __m256 factor = _mm256_and_ps(vscale, _mm256_castsi256_ps(keep));  // 1/(1-p) or 0
+      _mm256_storeu_ps(out + run + j, _mm256_mul_ps(_mm256_loadu_ps(in + run + j), factor));
     }
     dropout_range(in, out, run + j, run_end, seed, threshold, scale);
     run = run_end;
@@ -222,9 +223,10 @@ void check_lora_args(const char* op, const at::Tensor& x, const Base& base, cons
   const int64_t K = base.in_features(), N = base.out_features();
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x has ", x.dim() >= 1 ? x.size(-1) : 0,
                     " features in its last dimension but the base layer takes ", K);
-  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K && A.size(0) >= 1, op, ": lora_A must be (r, ", K, "), got ",
-                    A.sizes());
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K, op, ": lora_A must be (r, ", K, "), got ", A.sizes());
   const int64_t r = A.size(0);
+  // As PEFT (LoraConfig checks r > 0): a rank-0 adapter is a configuration mistake, not a no-op.
+  TORCH_CHECK_VALUE(r >= 1, op, ": the LoRA rank r (lora_A.shape[0]) must be >= 1, got ", r);
   TORCH_CHECK_VALUE(B.dim() == 2 && B.size(0) == N && B.size(1) == r, op, ": lora_B must be (", N, ", ", r,
                     ") for lora_A of rank ", r, ", got ", B.sizes());
   TORCH_CHECK_TYPE(A.scalar_type() == dt && B.scalar_type() == dt, op, ": lora_A and lora_B must have x's dtype ", dt,
@@ -235,6 +237,8 @@ void check_lora_args(const char* op, const at::Tensor& x, const Base& base, cons
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, ",), got ",
                       bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, ": bias has dtype ", bias->scalar_type(), " but x has ", dt);
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ",
+                      x.device());
   }
   TORCH_CHECK_VALUE(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   check_dropout_p(dropout_p, op);
@@ -246,6 +250,10 @@ int64_t seed_value(const at::Tensor& seed, const char* op) {
                     " on ", seed.device());
   return seed.item<int64_t>();
 }
+
+// Rows of a (..., features) tensor: the product of its leading dimensions
+// (not numel / features, which divides by zero when features is 0).
+int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1); }
 
 std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
@@ -268,7 +276,7 @@ at::Tensor lora_linear(const at::Tensor& x, const OptT& weight, const OptT& pack
   const Base base{weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize};
   check_lora_args("lora_linear", x, base, bias, lora_A, lora_B, scaling, dropout_p);
   const int64_t seed = seed_value(seed_tensor, "lora_linear");
-  const at::Tensor x2 = x.reshape({-1, base.in_features()});
+  const at::Tensor x2 = x.reshape({leading_rows(x), base.in_features()});
   at::Tensor y = base.forward(x2, bias);
   const at::Tensor u = at::mm(dropped(x2, dropout_p, seed), lora_A.t());  // M x r
   y.addmm_(u, lora_B.t(), 1.0, scaling);                                  // y += s u B^T, in the GEMM
@@ -284,10 +292,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   check_lora_args("lora_linear_backward", x, base, std::nullopt, lora_A, lora_B, scaling, dropout_p);
   const int64_t seed = seed_value(seed_tensor, "lora_linear_backward");
   const int64_t K = base.in_features(), N = base.out_features();
-  TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.numel() == x.numel() / K * N,
-                    "lora_linear_backward: grad_out must have x's dtype and shape (..., ", N, ")");
-  const at::Tensor x2 = x.reshape({-1, K});
-  const at::Tensor dy = grad_out.reshape({-1, N});
+  const int64_t M = leading_rows(x);
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.dim() >= 1 && grad_out.size(-1) == N &&
+                        leading_rows(grad_out) == M,
+                    "lora_linear_backward: grad_out must have x's dtype and shape (..., ", N, ") with x's ", M,
+                    " rows, got ", grad_out.scalar_type(), " ", grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), "lora_linear_backward: grad_out is on ", grad_out.device(),
+                    " but x is on ", x.device());
+  const at::Tensor x2 = x.reshape({M, K});
+  const at::Tensor dy = grad_out.reshape({M, N});
   const at::Tensor xd = dropped(x2, dropout_p, seed);
   const at::Tensor u = at::mm(xd, lora_A.t());  // M x r, recomputed
   const at::Tensor g = at::mm(dy, lora_B);      // M x r

@@ -5,12 +5,22 @@
 // log_softmax + nll_loss + their backwards make about eight passes over the
 // whole matrix in memory and allocate three more of it. The LM head's
 // matmuls stay with the BLAS (llmkit.nn.loss.linear_cross_entropy).
+//
+// Non-finite logits follow the float64 reference (llmkit.ops.reference):
+// a row with a NaN has a NaN loss and a NaN gradient row (the NaN-preserving
+// exp makes it so, at no cost in the loops); a row whose max is +inf
+// has loss +inf - logits[target] (inf, or NaN when the target is the inf)
+// and a NaN gradient row (softmax's inf - inf); an all -inf row has NaN
+// loss and gradient. Ignored rows give 0 and a 0 gradient whatever they
+// hold (torch's cross_entropy skips them too), so padding never poisons a batch.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common/cpu_softmax.h"
@@ -30,6 +40,9 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK_VALUE(targets.device() == logits.device(), kOp, ": targets are on ", targets.device(),
                     ", logits on ", logits.device());
   TORCH_CHECK_VALUE(logits.size(1) > 0, kOp, ": the vocabulary is empty");
+  const auto overlap = at::get_overlap_status(logits, targets);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, kOp,
+                    ": logits (written in place) and targets share memory; pass a copy of one of them");
 }
 
 at::Tensor cross_entropy_fused_cpu(at::Tensor logits, const at::Tensor& targets, int64_t ignore_index,
@@ -60,14 +73,20 @@ at::Tensor cross_entropy_fused_cpu(at::Tensor logits, const at::Tensor& targets,
         continue;
       }
       const float target_logit = row[target[i]];
-      const float row_max = simd.row_max(row, vocab);
+      const float row_max = simd.row_max(row, vocab);  // of the non-NaN logits
+      // A +inf max: logsumexp is +inf unless the row holds a NaN too, which the
+      // sum (NaN from inf - inf anyway) cannot tell; a rare row, so a scan.
+      const bool inf_lse = row_max == std::numeric_limits<float>::infinity() && !softmax::any_nan(row, vocab);
       float* e = row;
       if (!compute_grad) {
         std::memcpy(scratch.data(), row, vocab * sizeof(float));
         e = scratch.data();
       }
-      const float sum = simd.exp_shift_sum(e, vocab, row_max);  // e = exp(x - max)
-      loss[i] = row_max + std::log(sum) - target_logit;
+      // e = exp(x - max); the sum is NaN with a NaN logit, a +inf one (inf - inf) or
+      // no finite one (-inf - -inf): the gradient row is NaN then, as softmax's.
+      const float sum = simd.exp_shift_sum(e, vocab, row_max);
+      const float lse = inf_lse ? row_max : row_max + std::log(sum);
+      loss[i] = lse - target_logit;
       if (compute_grad) {
         const float s = scale / sum;
         for (int64_t j = 0; j < vocab; ++j) row[j] *= s;  // softmax * scale (vectorised by the compiler)
@@ -90,11 +109,12 @@ at::Tensor cross_entropy_fused_cuda(at::Tensor logits, const at::Tensor& targets
   TORCH_CHECK_VALUE(!(safe.lt(0) | safe.ge(vocab)).any().item<bool>(), kOp, ": a target is outside [0, ", vocab,
                     ") and is not ignore_index (", ignore_index, ")");
   const at::Tensor lse = at::logsumexp(logits, {1});
-  at::Tensor losses = (lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * valid;
+  // where, not a product with the mask: an ignored row's NaN must not leak (NaN * 0 = NaN).
+  at::Tensor losses = at::where(valid, lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1), at::zeros_like(lse));
   if (compute_grad) {
-    logits.sub_(lse.unsqueeze(1)).exp_().mul_(grad_scale);
+    logits.copy_(at::softmax(logits, 1)).mul_(grad_scale);  // softmax: NaN rows for +-inf / NaN, as the reference
     logits.scatter_add_(1, safe.unsqueeze(1), at::full({logits.size(0), 1}, -grad_scale, logits.options()));
-    logits.mul_(valid.unsqueeze(1));
+    logits.masked_fill_(valid.logical_not().unsqueeze(1), 0);
   }
   return losses;
 }

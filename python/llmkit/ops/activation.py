@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -37,4 +37,5 @@ def _gelu_tanh_fake(x):
 
 @torch.library.register_fake("llmkit::gelu_tanh_backward")
 def _gelu_tanh_backward_fake(grad, x):
+    check_same_device("gelu_tanh_backward", ("x", x), ("grad", grad))
     return torch.empty_like(x, memory_format=torch.contiguous_format)

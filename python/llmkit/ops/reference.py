@@ -24,7 +24,8 @@ def _nf4_midpoints(device) -> torch.Tensor:
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False):
-    """Reference of :func:`llmkit.ops.quantize_nf4` (same signature and result)."""
+    """Reference of :func:`llmkit.ops.quantize_nf4` (same result). NaN / inf
+    as bitsandbytes: amax and clamp propagate NaN, bucketize sends NaN to 15."""
     flat = w.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -75,12 +76,14 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     """Reference of ``torch.ops.llmkit.quantize_blockwise_8bit`` (bitsandbytes'
     CPU rounding): v = x * (1 / absmax) goes to grid point
     j = trunc(((clamp(v) + 1) * 0.5) * 65535 + 0.5), and grid point j takes the
-    code whose midpoint interval holds -1 + 2j / 65535. An all-zero block gets code 0."""
+    code whose midpoint interval holds -1 + 2j / 65535. An all-zero block gets code 0.
+    NaN as bitsandbytes' CPU kernel: absmax skips it (0 for an all-NaN block)
+    and a NaN v goes to grid point 0."""
     flat = x.reshape(-1).float()
     n = flat.numel()
     blocks = -(-n // blocksize)
     padded = torch.cat([flat, flat.new_zeros(blocks * blocksize - n)]).reshape(blocks, blocksize)
-    absmax = padded.abs().amax(dim=1)
+    absmax = padded.abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=1)
     v = (padded * (1.0 / absmax)[:, None]).clamp(-1, 1)
     j = ((((v + 1.0) * 0.5) * 65535.0) + 0.5).nan_to_num(0.0).to(torch.int64)
     grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=x.device)) / 65535.0
@@ -128,7 +131,9 @@ def _attention_one(q, k, v, scale, window, global_tokens, bias=None):
     if bias is not None:
         scores = scores + bias
     mask = attention_mask(sq, sk, window, global_tokens, device=q.device)
-    mask = mask & (scores > float("-inf"))  # a -inf bias hides the key like a mask
+    # A -inf score (bias) hides the key like a mask; a NaN one stays visible,
+    # so it makes the row's lse and output NaN, as softmax does.
+    mask = mask & (scores != float("-inf"))
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf for a query without keys
     probs = torch.exp(scores - lse[..., None].clamp(min=torch.finfo(scores.dtype).min))
@@ -157,10 +162,14 @@ def flash_attention(q, k, v, causal: bool = False, window: tuple[int, int] = (-1
     for b in range(q.shape[0]):
         g = None if global_tokens is None else global_tokens[b]
         bias = None if attn_bias is None else attn_bias[b if attn_bias.shape[0] > 1 else 0]
-        o, l = _attention_one(q[b], k[b], v[b], scale, (left, right), g, bias)
+        o, lse_b = _attention_one(q[b], k[b], v[b], scale, (left, right), g, bias)
         outs.append(o)
-        lses.append(l)
-    out, lse = torch.stack(outs), torch.stack(lses)
+        lses.append(lse_b)
+    if not outs:  # an empty batch
+        out = q.new_zeros(q.shape[:3] + v.shape[3:])
+        lse = q.new_zeros((0, q.shape[2], q.shape[1]))
+    else:
+        out, lse = torch.stack(outs), torch.stack(lses)
     return (out, lse) if return_lse else out
 
 
@@ -180,10 +189,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     outs, lses = [], []
     for b in range(len(cq) - 1):
         g = None if global_tokens is None else global_tokens[cq[b]:cq[b + 1]]
-        o, l = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
-                              scale, (left, right), g)
+        o, lse_b = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+                                  scale, (left, right), g)
         outs.append(o)
-        lses.append(l)
+        lses.append(lse_b)
     out = torch.cat(outs) if outs else q.new_zeros(q.shape)
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0)
     return (out, lse) if return_lse else out
@@ -192,7 +201,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
 # ------------------------------------------------------------ NF4 matmul --
 
 
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`llmkit.ops.nf4_linear`: ``x @ dequant(W).T + bias`` in float64."""
     w = dequantize_nf4(packed, state, torch.float32).double()
     y = x.double() @ w.T
@@ -276,11 +286,13 @@ def cross_entropy_fused_(logits, targets, ignore_index: int = -100, grad_scale: 
     x = logits.double()
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    lse = torch.logsumexp(x, dim=1)
-    losses = (lse - x.gather(1, safe[:, None])[:, 0]) * valid
-    grad = torch.softmax(x, dim=1)
+    lse = torch.logsumexp(x, dim=1)  # NaN with a NaN, +inf with a +inf, -inf when all are -inf
+    # Ignored rows are 0 whatever they hold (torch.where: a product with the
+    # mask would keep their NaN, 0 * NaN = NaN).
+    losses = torch.where(valid, lse - x.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse))
+    grad = torch.softmax(x, dim=1)  # a NaN row wherever lse is not finite
     grad[torch.arange(x.shape[0]), safe] -= 1.0
-    grad = grad * grad_scale * valid[:, None]
+    grad = torch.where(valid[:, None], grad * grad_scale, torch.zeros_like(grad))
     return losses, (grad if compute_grad else None)
 
 
