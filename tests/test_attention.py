@@ -264,7 +264,8 @@ def test_opcheck(device):
     torch.library.opcheck(op, (q, k, v, None, None, 37, 41, 0.2, -1, 0, None))
     glob = torch.zeros(2, 37, dtype=torch.bool, device=device)
     glob[:, 5] = True
-    q2, k2, v2 = (randn(2, 37, 2, 32, dtype=torch.bfloat16, device=device, generator=g).requires_grad_() for _ in range(3))
+    q2, k2, v2 = (randn(2, 37, 2, 32, dtype=torch.bfloat16, device=device, generator=g).requires_grad_()
+                  for _ in range(3))
     torch.library.opcheck(op, (q2, k2, v2, None, None, 37, 37, 0.2, 4, 4, glob))
     cu = torch.tensor([0, 10, 10, 37], dtype=torch.int32, device=device)
     qv, kv, vv = (randn(37, 2, 32, dtype=torch.float32, device=device, generator=g).requires_grad_() for _ in range(3))
@@ -309,7 +310,8 @@ def _qkv(shape=(1, 8, 2, 32), **kw):
          ValueError, "one shape"),
         (lambda: flash_attention(*_qkv(), softmax_scale=float("nan")), ValueError, "finite"),
         (lambda: flash_attention(*_qkv(), global_tokens=torch.zeros(1, 8)), TypeError, "bool"),
-        (lambda: flash_attention(*_qkv(), global_tokens=torch.zeros(1, 9, dtype=torch.bool)), ValueError, "global_tokens"),
+        (lambda: flash_attention(*_qkv(), global_tokens=torch.zeros(1, 9, dtype=torch.bool)),
+         ValueError, "global_tokens"),
         (lambda: flash_attention(*_qkv(), causal=True, global_tokens=torch.zeros(1, 8, dtype=torch.bool)),
          ValueError, "causal"),
         (lambda: flash_attention(torch.randn(1, 8, 2, 32), *_qkv((1, 9, 2, 32))[:2],

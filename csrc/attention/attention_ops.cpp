@@ -149,8 +149,10 @@ void check_and_describe(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK_VALUE(d > 0 && d % 8 == 0 && d <= kMaxHeadDim, op,
                     ": head_dim must be a multiple of 8 up to ", kMaxHeadDim, ", got ", d);
   const int64_t hq = q.size(-2), hk = k.size(-2);
-  TORCH_CHECK_VALUE(hq > 0 && hk > 0 && hq % hk == 0, op, ": the query heads (", hq,
-                    ") must be a multiple of the key/value heads (", hk, ")");
+  TORCH_CHECK_VALUE(hq > 0 && hk > 0, op, ": q, k and v need at least one head, got ", hq, " query and ", hk,
+                    " key/value heads");
+  TORCH_CHECK_VALUE(hq % hk == 0, op, ": the query heads (", hq, ") must be a multiple of the key/value heads (", hk,
+                    ")");
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, op,
                     ": window sizes must be >= -1 (-1 = unbounded), got (", window_left, ", ", window_right, ")");
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
