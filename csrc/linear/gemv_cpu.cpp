@@ -94,10 +94,13 @@ at::Tensor linear_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                    ": x and weight must be float32, got ", x.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous(), kOp,
                     ": weight must be a contiguous (out_features, in_features) matrix, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), kOp, ": weight is on ", weight.device(), " but x is on ",
+                    x.device());
   const int64_t out = weight.size(0), in = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in, kOp, ": x must end in in_features = ", in, ", got shape ",
                     x.sizes());
-  const int64_t rows = x.numel() / in;
+  // The rows are the leading dimensions (not numel / in: in_features may be 0).
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   TORCH_CHECK_VALUE(rows <= kMaxRows, kOp, ": at most ", kMaxRows, " rows (a decode step), got ", rows,
                     "; use torch.nn.functional.linear for more");
   const float* b = nullptr;
@@ -105,6 +108,8 @@ at::Tensor linear_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out && bias->scalar_type() == at::kFloat, kOp,
                       ": bias must be float32 (", out, "), got ", bias->sizes(), " ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), kOp, ": bias is on ", bias->device(), " but x is on ",
+                      x.device());
     bias_c = bias->contiguous();
     b = bias_c.data_ptr<float>();
   }
@@ -113,6 +118,7 @@ at::Tensor linear_gemv_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   out_shape.back() = out;
   at::Tensor y = at::empty(out_shape, x.options());
   if (rows == 0 || out == 0) return y;
+  if (in == 0) return b != nullptr ? y.copy_(bias_c.expand_as(y)) : y.zero_();  // an empty sum: F.linear's 0 + bias
   const float* w = weight.data_ptr<float>();
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -20,8 +20,12 @@
 // weight matrices in place, with the GIL released, over a corpus chunk).
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -49,10 +53,25 @@ inline constexpr int64_t kMaxWorkers = 1024;
 
 // Runs `fn(t)` on `workers` threads (t = 0 on the caller's), rethrowing the
 // first exception after all joined.
+//
+// The threads wait at a gate until all of them exist. When the system
+// refuses one (std::system_error from a process / thread limit, or memory
+// for its stack), the ones already started are released with nothing to do
+// and joined, and a std::runtime_error (RuntimeError in Python) says how
+// many could start: no worker trains a partial share of the corpus, and no
+// joinable std::thread is destroyed, which would call std::terminate (abort).
 template <typename Fn>
 inline void run_threads(int64_t workers, Fn fn) {
   std::vector<std::exception_ptr> errors(workers);
+  std::mutex mutex;
+  std::condition_variable gate;
+  bool open = false, abandoned = false;
   auto guarded = [&](int64_t t) {
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      gate.wait(lock, [&] { return open; });
+      if (abandoned) return;
+    }
     try {
       fn(t);
     } catch (...) {
@@ -60,9 +79,26 @@ inline void run_threads(int64_t workers, Fn fn) {
     }
   };
   std::vector<std::thread> threads;
-  for (int64_t t = 1; t < workers; ++t) threads.emplace_back(guarded, t);
-  guarded(0);
+  std::string failure;
+  try {
+    threads.reserve(static_cast<size_t>(workers > 1 ? workers - 1 : 0));
+    for (int64_t t = 1; t < workers; ++t) threads.emplace_back(guarded, t);
+  } catch (const std::exception& e) {  // std::system_error (EAGAIN), or bad_alloc
+    failure = e.what();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    open = true;
+    abandoned = !failure.empty();
+  }
+  gate.notify_all();
+  if (failure.empty()) guarded(0);
   for (auto& th : threads) th.join();
+  if (!failure.empty()) {
+    throw std::runtime_error("could start only " + std::to_string(threads.size() + 1) + " of " +
+                             std::to_string(workers) + " worker threads (" + failure +
+                             "): the system refused a thread (a process or memory limit); lower `workers`");
+  }
   for (auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
 from .quant import nf4_op_args
 
 _SEED_RANGE = 2**62
@@ -73,6 +73,7 @@ def lora_linear(x: torch.Tensor, base, bias: torch.Tensor | None, lora_A: torch.
     """
     check_tensor("x", x)
     args = _base_args(base)
+    check_same_device("lora_linear", ("x", x), ("the base weight", args[0] if args[0] is not None else args[1]))
     if args[0] is not None and args[0].requires_grad and torch.is_grad_enabled():
         raise ValueError("lora_linear: the base weight must be frozen (requires_grad=False); "
                          "LoRA trains lora_A and lora_B only")
@@ -120,14 +121,24 @@ def _lora_dropout_fake(x, p, seed):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _same_device_as_x(op, x, **tensors):
+    # `seed` is not checked: it is a CPU scalar whatever x's device.
+    check_same_device(op, ("x", x), *tensors.items())
+
+
 @torch.library.register_fake("llmkit::lora_linear")
 def _lora_linear_fake(x, weight, packed, absmax, blocksize, shape, nested_absmax, nested_code, offset,
                       nested_blocksize, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    _same_device_as_x("lora_linear", x, weight=weight, packed=packed, absmax=absmax, nested_absmax=nested_absmax,
+                      nested_code=nested_code, offset=offset, bias=bias, lora_A=lora_A, lora_B=lora_B)
     return x.new_empty((*x.shape[:-1], lora_B.shape[0]))
 
 
 @torch.library.register_fake("llmkit::lora_linear_backward")
 def _lora_linear_backward_fake(grad_out, x, weight, packed, absmax, blocksize, shape, nested_absmax, nested_code,
                                offset, nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, compute_grad_x):
+    _same_device_as_x("lora_linear_backward", x, grad_out=grad_out, weight=weight, packed=packed, absmax=absmax,
+                      nested_absmax=nested_absmax, nested_code=nested_code, offset=offset, lora_A=lora_A,
+                      lora_B=lora_B)
     grad_x = x.new_empty(x.shape) if compute_grad_x else x.new_empty((0,))
     return grad_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
