@@ -58,7 +58,8 @@ def test_pip_install_dot_in_a_clean_venv(tmp_path):
     # The wheel names and pins the torch it was compiled against.
     assert info["version"].startswith("0.") and f"+torch{torch_public}." in info["version"]
     assert f"torch=={torch_public}" in info["requires"]
-    assert not any(r.startswith(("matplotlib", "scipy")) for r in info["requires"])  # optional extras only
+    hard = [r for r in info["requires"] if "extra ==" not in r]
+    assert not any(r.startswith(("matplotlib", "scipy")) for r in hard), hard  # optional extras only
     assert info["build"]["torch"] == info["torch"] and info["build"]["cuda"] is False
     assert 0 < info["err"] < 0.5  # an NF4 round trip of N(0, 1) weights
 
