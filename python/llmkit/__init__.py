@@ -17,7 +17,9 @@ try:  # one source: the installed metadata (0.1.0+torch2.14.1.cu130; cmake/llmki
 except importlib.metadata.PackageNotFoundError:  # imported from a source tree that pip never installed
     __version__ = "0+unknown"
 
-_REBUILD_HINT = "rebuild llmkit against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+_REBUILD_HINT = (
+    "rebuild llmkit against the installed torch: pip install --no-build-isolation --force-reinstall --no-deps ."
+)
 
 try:
     from . import _build_config
@@ -66,6 +68,14 @@ __all__ = ["build_info", "ops", "__version__"]
 from . import nn  # noqa: E402
 from . import integrations  # noqa: E402
 from .nn.functional import sdpa  # noqa: E402  (drop-in for F.scaled_dot_product_attention)
+from .ops.flash_attn_interface import (  # noqa: E402  (flash-attn 2's call sites, unchanged)
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 # transformers already imported: make attn_implementation="llmkit" available now. Otherwise
 # import llmkit.integrations.transformers (or call its register()) after importing it.
@@ -73,4 +83,6 @@ integrations.register_available()
 from . import models  # noqa: E402
 from .generation import generate, stream  # noqa: E402  (llmkit.generate / llmkit.stream)
 
-__all__ += ["nn", "integrations", "sdpa", "models", "generate", "stream"]
+__all__ += ["nn", "integrations", "sdpa", "models", "generate", "stream", "flash_attn_func",
+            "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"]

@@ -10,8 +10,9 @@ LoRA adapter over a linear layer in PEFT's conventions.
 from . import functional
 from .attention import Attention
 from .functional import sdpa
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, LinearNF4
 from .lora import LoraLinear
 from .rope import RotaryEmbedding, apply_rotary, rotate_half
 
-__all__ = ["Attention", "Linear4bit", "LoraLinear", "RotaryEmbedding", "apply_rotary", "rotate_half", "sdpa", "functional"]
+__all__ = ["Attention", "Linear4bit", "LinearNF4", "LoraLinear", "RotaryEmbedding", "apply_rotary", "rotate_half",
+           "sdpa", "functional"]
