@@ -19,7 +19,7 @@ neighbours, the analogy / wordsim353 scores, Bolukbasi et al.'s extreme
 she/he occupations and a 2-D PCA plot (PNG) of gendered word pairs.
 
 Transformer models: GPT-2 and Llama checkpoints (random weights, built from
-transformers configs) in llmkit's GPT with their logits, a to_hf round trip
+transformers configs) in llmkit's GPT with their logits, a save_pretrained round trip
 and greedy generation compared with transformers; RoBERTa, T5 and
 Longformer logits likewise; then `llmkit bench models --quick`.
 
@@ -32,6 +32,7 @@ completions and filled masks.
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -156,7 +157,8 @@ def round_trip(layer: DemoLayer, bar) -> list[str]:
         f"(packed {packed_bytes / MIB:.2f} MiB + state {stats_bytes / MIB:.3f} MiB): "
         f"{8 * after / w.numel():.3f} bits/param, saves {1 - after / before:.1%} "
         f"({1 - after / bf16:.1%} vs bf16)",
-        f"  layer output    x[{BATCH}x{layer.in_features}] through W vs W_nf4: relative error {out_rel:.3e} (Frobenius)",
+        f"  layer output    x[{BATCH}x{layer.in_features}] through W vs W_nf4: relative error {out_rel:.3e} "
+        "(Frobenius)",
         f"  bitsandbytes    {vs_bnb}",
     ]
 
@@ -249,7 +251,7 @@ def qlora_finetune(steps: int = 60) -> list[str]:
     plot = _save_loss_plot(losses, "QLoRA fine-tune (GPT-2 4x256, byte level, NF4 base + LoRA r=16)")
     head, tail = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     return [
-        f"QLoRA: GPT-2 (4 layers x 256, byte-level) from a config, every linear layer NF4 (double quant) + LoRA r=16:",
+        "QLoRA: GPT-2 (4 layers x 256, byte-level) from a config, every linear layer NF4 (double quant) + LoRA r=16:",
         f"  {trainable_parameters(model)}",
         f"  base weights {report.bytes_per_base_param:.4f} bytes/parameter; model {report.total_bytes / MIB:.2f} MiB "
         f"vs {dense_bytes / MIB:.2f} MiB in fp32",
@@ -291,12 +293,18 @@ def word_embeddings(quick: bool = False) -> list[str]:
     from llmkit.embeddings import Word2Vec
     from llmkit.embeddings.bias import bias_report
 
-    print("word2vec: skip-gram, negative sampling (5, shared per window), window 5, dim 100, 5 epochs on the "
-          "shipped corpus (lowercased, punctuation dropped)...", file=sys.stderr)
-    model = Word2Vec(english_corpus_sentences(), workers=max(1, torch.get_num_threads()), seed=1)
+    # quick: the first 60k sentences (~0.9 M words), 2 epochs -- seconds, and still real neighbours.
+    sentences = english_corpus_sentences()
+    epochs = 5
+    if quick:
+        sentences, epochs = list(itertools.islice(sentences, 60_000)), 2
+    print(f"word2vec: skip-gram, negative sampling (5, shared per window), window 5, dim 100, {epochs} epochs on "
+          "the shipped corpus (lowercased, punctuation dropped)...", file=sys.stderr)
+    model = Word2Vec(sentences, sg=1, epochs=epochs, compute_loss=True, workers=max(1, torch.get_num_threads()),
+                     seed=1)
     kv, stats = model.wv, model.training_stats[-1]
     lines = [f"word2vec on the shipped corpus ({model.corpus_total_words:,} words, vocabulary {len(kv):,} at "
-             f"min_count 5): {stats['seconds']:.1f} s, {stats['words_per_second']:,.0f} words/s, "
+             f"min_count 5, {epochs} epochs): {stats['seconds']:.1f} s, {stats['words_per_second']:,.0f} words/s, "
              f"loss {stats['loss_per_example']:.3f}/example"]
     lines.append("  analogies (a - b + c, top 3; * marks the expected word):")
     for a, b, c, expected in DEMO_ANALOGIES:
@@ -376,6 +384,7 @@ def transformer_models(quick: bool = False) -> list[str]:
 
     transformers.logging.set_verbosity_error()
     lines = ["Transformer models on llmkit attention (random weights from transformers configs):"]
+    new_tokens = 16 if quick else 48
     torch.manual_seed(0)
     builds = {
         "GPT-2 (6 layers, 384 wide)": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -386,26 +395,28 @@ def transformer_models(quick: bool = False) -> list[str]:
     }
     for label, build in builds.items():
         hf = build().eval()
-        ours = GPT.from_hf(hf)
+        ours = GPT.from_pretrained(hf)
         ids = torch.randint(0, 8192, (2, 64))
         with torch.no_grad():
             ref, got = hf(ids).logits, ours(ids).logits
         with tempfile.TemporaryDirectory() as tmp:
-            ours.to_hf(tmp)
+            ours.save_pretrained(tmp)
             reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
             with torch.no_grad():
                 round_trip = (reloaded(ids).logits - ref).abs().max().item()
         prompt = torch.randint(0, 8192, (1, 16))
         start = time.perf_counter()
         with torch.inference_mode():
-            hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48,
-                                    min_new_tokens=48, do_sample=False, pad_token_id=0)[0, 16:].tolist()
-        hf_rate = 48 / (time.perf_counter() - start)
-        out = llmkit.generate(ours, prompt, max_new_tokens=48, eos_token_id=[])
+            hf_tokens = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, 16:].tolist()
+        hf_rate = new_tokens / (time.perf_counter() - start)
+        out = llmkit.generate(ours, prompt, max_new_tokens=new_tokens, eos_token_id=[])
         lines += [f"  {label}: {ours.num_parameters() / 1e6:.1f}M parameters",
                   f"    logits vs transformers: max |diff| {(got - ref).abs().max().item():.1e} "
-                  f"(max |logit| {ref.abs().max().item():.1f}); to_hf -> transformers reload: {round_trip:.1e}",
-                  f"    greedy generation, 48 tokens: {'identical to' if out.sequences[0] == hf_tokens else 'DIFFERS from'} "
+                  f"(max |logit| {ref.abs().max().item():.1f}); save_pretrained -> transformers reload: "
+                  f"{round_trip:.1e}",
+                  f"    greedy generation, {new_tokens} tokens: "
+                  f"{'identical to' if out.sequences[0] == hf_tokens else 'DIFFERS from'} "
                   f"transformers' generate; {out.tokens_per_second:.0f} tokens/s vs {hf_rate:.0f}"]
     lines += _encoder_models(transformers)
     return lines
@@ -425,14 +436,15 @@ def _encoder_models(transformers) -> list[str]:
     roberta = transformers.RobertaForMaskedLM(transformers.RobertaConfig(
         vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
         max_position_embeddings=130)).eval()
-    ours = BertForMaskedLM.from_hf(roberta).eval()
+    ours = BertForMaskedLM.from_pretrained(roberta).eval()
     with torch.no_grad():
-        diff = (ours(ids, attention_mask=mask).logits[keep] - roberta(ids, attention_mask=mask).logits[keep]).abs().max()
+        got, ref = ours(ids, attention_mask=mask).logits[keep], roberta(ids, attention_mask=mask).logits[keep]
+        diff = (got - ref).abs().max()
     lines.append(f"  RoBERTa MLM (padding-free, varlen attention): max |logit diff| vs transformers {diff:.1e}")
     t5_hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=1000, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-    t5 = T5.from_hf(t5_hf).eval()
+    t5 = T5.from_pretrained(t5_hf).eval()
     labels = torch.randint(5, 1000, (2, 12))
     with torch.no_grad():
         diff = (t5(ids, attention_mask=mask, labels=labels).logits
@@ -444,7 +456,7 @@ def _encoder_models(transformers) -> list[str]:
     longformer = transformers.LongformerForMaskedLM(transformers.LongformerConfig(
         vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
         max_position_embeddings=130, attention_window=16)).eval()
-    ours = LongformerForMaskedLM.from_hf(longformer).eval()
+    ours = LongformerForMaskedLM.from_pretrained(longformer).eval()
     glob = torch.zeros_like(ids)
     glob[:, 0] = 1
     with torch.no_grad():
