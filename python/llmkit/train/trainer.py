@@ -515,7 +515,7 @@ class Trainer:
     # ------------------------------------------------------------- export --
     def export(self, directory) -> Path | None:
         """Write the trained model in Hugging Face format (config.json +
-        model.safetensors, `from_hf` / transformers load it) with the
+        model.safetensors; `from_pretrained` / transformers load it) with the
         tokenizer, on rank 0. Collective."""
         weights = self.model_state_dict()
         directory = Path(directory)
@@ -524,8 +524,6 @@ class Trainer:
             missing, unexpected = fresh.load_state_dict(weights, strict=False)
             if unexpected or set(missing) - set(checkpoint.tied_aliases(fresh)):
                 raise RuntimeError(f"export: state mismatch (missing {missing}, unexpected {unexpected})")
-            fresh.to_hf(directory)
-            if self.tokenizer is not None:
-                self.tokenizer.save(directory)
+            fresh.save_pretrained(directory, tokenizer=self.tokenizer)  # one atomic directory, tokenizer inside
         distributed.barrier(self.dist)
         return directory if self.dist.is_main else None
