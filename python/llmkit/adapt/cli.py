@@ -50,20 +50,10 @@ def adapter_info(directory: str) -> dict:
     """The config essentials and tensor inventory of an adapter directory (LoRA or prompt tuning)."""
     from safetensors import SafetensorError, safe_open
 
+    from .peft_format import named_adapter_dirs, read_config_json
+
     _require_directory(directory, "adapter directory")
-    config_path = os.path.join(directory, "adapter_config.json")
-    named = sorted(e for e in os.listdir(directory)
-                   if os.path.isfile(os.path.join(directory, e, "adapter_config.json")))
-    if not os.path.isfile(config_path):
-        hint = f"; named adapters are in its sub-directories {named}" if named else ""
-        raise FileNotFoundError(f"no adapter_config.json in {directory!r} (not a PEFT adapter directory{hint})")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not a config object")
+    config, named = read_config_json(directory), named_adapter_dirs(directory)
     weights = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no adapter_model.safetensors in {directory!r}")

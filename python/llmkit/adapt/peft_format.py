@@ -144,16 +144,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, selected_adapte
             (out / CONFIG_NAME).write_text(config)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> dict:
-    """The ``adapter_config.json`` of `directory` as a dict, checked to be a LoRA
-    config llmkit implements (NotImplementedError names the PEFT features it is not)."""
+def read_config_json(directory: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of `directory` as a dict, of any PEFT type;
+    FileNotFoundError / ValueError say what is missing or malformed (and
+    where named adapters are, when the directory holds only those)."""
     directory = os.fspath(directory)
     recover_directory(directory)  # a save killed mid-way (two-rename fallback) is put back first
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapter directory {directory!r} does not exist")
+        kind = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
+        raise FileNotFoundError(f"adapter directory {directory!r} {kind}")
     if not os.path.isfile(path):
-        subdirs = sorted(e for e in os.listdir(directory) if os.path.isfile(os.path.join(directory, e, CONFIG_NAME)))
+        subdirs = named_adapter_dirs(directory)
         hint = f"; named adapters are in its sub-directories {subdirs}" if subdirs else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r} (not a PEFT adapter directory{hint})")
     try:
@@ -163,6 +165,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a config object")
+    return config
+
+
+def named_adapter_dirs(directory: str | os.PathLike) -> list[str]:
+    """The sub-directories of `directory` that hold an adapter (PEFT saves named adapters there)."""
+    return sorted(e for e in os.listdir(directory) if os.path.isfile(os.path.join(directory, e, CONFIG_NAME)))
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of `directory` as a dict, checked to be a LoRA
+    config llmkit implements (NotImplementedError names the PEFT features it is not)."""
+    config = read_config_json(directory)
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{path} is a {peft_type!r} adapter; load_adapter reads LORA adapters"

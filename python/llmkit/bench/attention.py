@@ -395,7 +395,7 @@ def compare_outputs(outputs: dict) -> dict[str, str]:
         if name == base:
             continue
         diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(ref, _in_our_layout(name, output))]
-        notes[name] = f"max |diff| from {base}: " + ", ".join(f"{l} {d:.2g}" for l, d in zip(labels, diffs))
+        notes[name] = f"max |diff| from {base}: " + ", ".join(f"{label} {d:.2g}" for label, d in zip(labels, diffs))
     return notes
 
 

@@ -504,17 +504,21 @@ def note_lines(result: BenchResult) -> list[str]:
     return ["notes:"] + lines if lines else []
 
 
-def format_table(result: BenchResult) -> str:
-    """The result as plain text: summary, aligned table, notes."""
-    rows = [COLUMNS] + table_rows(result)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    left = 3  # text columns; the rest are numbers, aligned right
+def aligned(rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """rows[0] (the header), a rule, then the other rows: the first `left`
+    columns (text) aligned left, the rest (numbers) right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
 
     def line(row):
         cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         return "  ".join(cells).rstrip()
 
-    body = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+    return [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+
+
+def format_table(result: BenchResult) -> str:
+    """The result as plain text: summary, aligned table, notes."""
+    body = aligned([COLUMNS] + table_rows(result), left=3)
     return "\n".join(summary_lines(result) + [""] + body + [""] + note_lines(result)).rstrip() + "\n"
 
 

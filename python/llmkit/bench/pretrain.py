@@ -34,7 +34,7 @@ import torch
 from llmkit.utils import atomic_write, get_logger, optional
 
 from . import register
-from .harness import Benchmark, RunOptions, machine_info, report_run_result
+from .harness import Benchmark, RunOptions, aligned, machine_info, report_run_result
 
 _log = get_logger(__name__)
 
@@ -156,15 +156,11 @@ def format_table(result: dict) -> str:
         rows.append((c["contender"], f"{c['tokens_per_s']:,.0f}", f"{c['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
                      " ".join(f"{v:,.0f}" for v in c["runs_tokens_per_s"]), f"{c['train_seconds']:.1f}",
                      f"{c['val_loss']:.4f}", f"{math.exp(c['val_loss']):.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"CLM pretraining of {shape['preset']} (vocab {shape['vocab_size']}, "
              f"{result['contenders'][0]['n_params']:,} parameters) on the shipped corpus: {shape['steps']} steps x "
              f"{shape['batch_size']} x {shape['seq_len']} tokens, {result['torch_threads']} threads; "
              f"validation {result['corpus']['val_blocks']} blocks"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(v.ljust(widths[j]) if j == 0 else v.rjust(widths[j]) for j, v in enumerate(row)))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += aligned(rows, left=1)
     lines += [""] + result["verdicts"]
     return "\n".join(lines) + "\n"
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from llmkit.utils import get_logger, optional, progress_bar
 
 from . import register
-from .harness import Benchmark, RunOptions, machine_info, report_run_result
+from .harness import Benchmark, RunOptions, aligned, machine_info, report_run_result
 
 logger = get_logger(__name__)
 
@@ -240,13 +240,9 @@ def format_table(result: dict) -> str:
                      f"{statistics.median(r['train_seconds'] for r in runs):.1f}",
                      f"{statistics.median(r['vocab_seconds'] for r in runs):.1f}",
                      f"{100 * c['analogy_accuracy']:.2f}", f"{c['spearman']:.3f}", str(len(runs))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"word2vec training on {result['corpus']['name']} ({result['corpus']['words']:,} words), "
              f"{json.dumps(result['hyperparameters'])}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(v.ljust(widths[j]) if j < 2 else v.rjust(widths[j]) for j, v in enumerate(row)))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += aligned(rows, left=2)
     lines += [""] + result["verdicts"]
     return "\n".join(lines) + "\n"
 
@@ -377,13 +373,9 @@ def format_glove_table(result: dict) -> str:
                      f"{r['count_cpp_seconds']:.1f}", f"{r['seconds_per_epoch']:.2f}", f"{r['final_cost']:.4f}",
                      f"{100 * r['analogy_accuracy']:.2f}" if scored else "-",
                      f"{r['spearman']:.3f}" if scored else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"GloVe on {result['corpus']['name']} ({result['corpus']['words']:,} words), "
              f"{json.dumps(result['hyperparameters'])}"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(v.ljust(widths[j]) if j == 0 else v.rjust(widths[j]) for j, v in enumerate(row)))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += aligned(rows, left=1)
     lines += [""] + result["verdicts"]
     return "\n".join(lines) + "\n"
 
