@@ -4,10 +4,8 @@ Plain torch / sleep callables stand in for kernels, so these tests run in second
 """
 import json
 import subprocess
-import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
