@@ -68,14 +68,7 @@ __all__ = ["build_info", "ops", "__version__"]
 from . import nn  # noqa: E402
 from . import integrations  # noqa: E402
 from .nn.functional import sdpa  # noqa: E402  (drop-in for F.scaled_dot_product_attention)
-from .ops.flash_attn_interface import (  # noqa: E402  (flash-attn 2's call sites, unchanged)
-    flash_attn_func,
-    flash_attn_kvpacked_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-)
+from .ops.flash_attn_interface import *  # noqa: E402,F401,F403  (flash_attn_func & co., flash-attn 2's call sites)
 
 # transformers already imported: make attn_implementation="llmkit" available now. Otherwise
 # import llmkit.integrations.transformers (or call its register()) after importing it.
@@ -83,6 +76,4 @@ integrations.register_available()
 from . import models  # noqa: E402
 from .generation import generate, stream  # noqa: E402  (llmkit.generate / llmkit.stream)
 
-__all__ += ["nn", "integrations", "sdpa", "models", "generate", "stream", "flash_attn_func",
-            "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
-            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"]
+__all__ += ["nn", "integrations", "sdpa", "models", "generate", "stream", *ops.flash_attn_interface.__all__]

@@ -293,7 +293,7 @@ def word_embeddings(quick: bool = False) -> list[str]:
     from llmkit.embeddings import Word2Vec
     from llmkit.embeddings.bias import bias_report
 
-    # quick: the first 60k sentences (~0.9 M words), 2 epochs -- seconds, and still real neighbours.
+    # quick: the first 60k sentences (~0.7 M words), 2 epochs -- seconds, and still real neighbours.
     sentences = english_corpus_sentences()
     epochs = 5
     if quick:

@@ -6,14 +6,8 @@ for torch.compile, and a pure-PyTorch reference in :mod:`llmkit.ops.reference`.
 
 from . import reference
 from .attention import flash_attention, flash_attention_varlen
-from .flash_attn_interface import (
-    flash_attn_func,
-    flash_attn_kvpacked_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-)
+from . import flash_attn_interface
+from .flash_attn_interface import *  # noqa: F401,F403  (flash_attn_func & co.: flash-attn 2's names)
 from .lora import lora_dropout, lora_linear
 from .activation import gelu_tanh
 from .linear import decode_linear, linear_gemv
@@ -24,12 +18,7 @@ from .quant_state import NestedState, NF4State, dynamic_map, nf4_code
 __all__ = [
     "flash_attention",
     "flash_attention_varlen",
-    "flash_attn_func",
-    "flash_attn_varlen_func",
-    "flash_attn_qkvpacked_func",
-    "flash_attn_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_varlen_kvpacked_func",
+    *flash_attn_interface.__all__,
     "quantize_nf4",
     "dequantize_nf4",
     "quantize_blockwise_8bit",
